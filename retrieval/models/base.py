@@ -1,0 +1,60 @@
+"""What every model family receives and returns.
+
+A family is one module in ``retrieval.models`` exposing:
+
+- ``TRAINABLE``: whether the train stage fine-tunes it;
+- ``train(config, data, out_dir, settings, *, checkpoint_dir, callbacks) -> dict`` (summary), saving a
+  ``save_pretrained``-style folder into ``out_dir``;
+- ``build_index(model_ref, corpus, index_dir, config) -> dict`` (index stats), where ``model_ref`` is the base
+  model id (the baseline) or the fine-tuned folder;
+- ``search(index_dir, queries, k, config) -> {qid: [(doc_id, score), ...]}`` in pyserini's batch_search shape.
+
+``config`` is the family's own section of the params (``models.<family>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    negatives_per_query: int = 1
+    seed: int = 42
+
+
+@dataclass
+class TrainingData:
+    """Training triplets from mined hard negatives plus a validation retrieval task."""
+
+    # {"query": str, "positive": {"title","text"}, "negatives": [{"title","text"}, ...]} per (query, positive)
+    examples: list[dict]
+    val_queries: dict[str, str] = field(default_factory=dict)
+    val_corpus: dict[str, dict] = field(default_factory=dict)
+    val_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> tuple[Path, bool]:
+    """Return (folder, resumable). Checkpoints survive a failed run so the next run resumes from them, but only
+    when they were made by the same configuration: otherwise they are cleared."""
+    folder = Path(checkpoint_dir)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = folder / "fingerprint.txt"
+    if folder.exists() and (not stamp.exists() or stamp.read_text().strip() != digest):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+    resumable = any(p.name.startswith("checkpoint-") for p in folder.iterdir())
+    return folder, resumable
+
+
+def settings_dict(settings: TrainSettings) -> dict:
+    return asdict(settings)

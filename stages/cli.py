@@ -1,0 +1,37 @@
+"""The ``retrieval`` command: one subcommand per DVC stage, each defined in ``stages/<stage>.py``.
+
+``dvc.yaml`` runs ``retrieval <stage>``; the code behind it is ``stages/<stage>.py`` (thin glue: read params,
+call the ``retrieval`` library, write outputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .common import setup_logging
+
+STAGES = ("download", "split", "mine", "train", "index", "evaluate")
+
+
+class StageGroup(click.Group):
+    """Imports a stage's module only when that stage runs, so ``retrieval download`` does not load torch."""
+
+    def list_commands(self, ctx):
+        return list(STAGES)
+
+    def get_command(self, ctx, name):
+        if name not in STAGES:
+            return None
+        return importlib.import_module(f"stages.{name}").command
+
+
+@click.group(cls=StageGroup)
+def main() -> None:
+    """Fine-tune and evaluate retrieval models; each subcommand is one stage of dvc.yaml."""
+    setup_logging()
+
+
+if __name__ == "__main__":
+    main()

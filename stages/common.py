@@ -1,0 +1,50 @@
+"""Shared glue for stage entry points: params loading and the standard paths of the stage graph."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import yaml
+
+params_option = click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(exists=True, dir_okay=False),
+    help="Parameters file (DVC's params.yaml).",
+)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    with open(path, encoding="utf-8") as stream:
+        params = yaml.safe_load(stream) or {}
+    if not isinstance(params, dict):
+        raise click.ClickException(f"{path}: expected a mapping of parameters at the top level")
+    return params
+
+
+def section(params: dict, *keys: str):
+    """params[k1][k2]...; a missing key is a clear error naming the params path."""
+    value = params
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise click.ClickException(f"params.yaml: missing key {'.'.join(keys[: depth + 1])}")
+        value = value[key]
+    return value
+
+
+def raw_dir(params: dict) -> Path:
+    return Path("data/raw") / str(section(params, "dataset", "name"))
+
+
+SPLIT_DIR = Path("data/split")
+BM25_INDEX = Path("data/indexes/bm25")
+NEGATIVES_DIR = Path("data/negatives")
+FINETUNED_MODEL = Path("data/models/finetuned")
+CHECKPOINTS = Path("data/checkpoints")
+INDEX_DIRS = {"baseline": Path("data/indexes/baseline"), "finetuned": Path("data/indexes/finetuned")}
+RUNS_DIR = Path("data/runs")
+METRICS_DIR = Path("metrics")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -1,0 +1,47 @@
+"""Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model; write TREC runs
+and metrics/evaluate.json."""
+
+import click
+
+from retrieval.bm25 import BM25Searcher, hits_to_run
+from retrieval.dataset import load_beir, read_qrels
+from retrieval.evaluation import compare_systems
+from retrieval.io import atomic_dir, write_json
+from retrieval.metrics import DEFAULT_METRICS
+from retrieval.models import get_family
+from retrieval.runs import write_trec_run
+
+from .common import BM25_INDEX, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params, params_option, raw_dir, section
+
+
+@click.command("evaluate")
+@params_option
+def command(params_path: str) -> None:
+    """Evaluate every system on the test split."""
+    params = load_params(params_path)
+    evaluate, bm25 = section(params, "evaluate"), section(params, "bm25")
+    depth = int(evaluate["depth"])
+    metrics = list(evaluate.get("metrics") or DEFAULT_METRICS)
+    dataset = load_beir(raw_dir(params))
+    qrels = read_qrels(SPLIT_DIR / "test.tsv", dataset.corpus.keys(), dataset.queries.keys())
+    qids = sorted(qrels)
+    queries = {q: dataset.queries[q]["text"] for q in qids}
+
+    searcher = BM25Searcher(BM25_INDEX, k1=float(bm25["k1"]), b=float(bm25["b"]))
+    runs = {"bm25": hits_to_run(searcher.batch_search([queries[q] for q in qids], qids, k=depth))}
+    family_name = str(section(params, "model"))
+    family = get_family(family_name)
+    comparisons = []
+    if family.TRAINABLE:
+        config = section(params, "models", family_name)
+        for system, index_dir in INDEX_DIRS.items():
+            runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
+        comparisons = [("finetuned", "baseline")]
+
+    report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)
+    with atomic_dir(RUNS_DIR) as tmp:
+        for system, run in runs.items():
+            write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" else f"{family_name}-{system}")
+    write_json(report, METRICS_DIR / "evaluate.json")
+    for system in runs:
+        click.echo(f"{system}: " + ", ".join(f"{m}={v:.4f}" for m, v in report[system].items()))

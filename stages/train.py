@@ -1,0 +1,69 @@
+"""Stage `train`: fine-tune the model family chosen by params `model` on the mined triplets."""
+
+import json
+from pathlib import Path
+
+import click
+
+from retrieval.dataset import load_beir
+from retrieval.io import atomic_dir, write_json
+from retrieval.models import get_family
+from retrieval.models.base import TrainingData, TrainSettings
+
+from .common import CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, load_params, params_option, raw_dir, section
+
+TRAIN_CURVES = METRICS_DIR / "train"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def training_data(corpus: dict, train_records: list[dict], val_records: list[dict]) -> TrainingData:
+    """One example per (query, positive); validation corpus = val positives plus their BM25 candidates."""
+    examples = [
+        {"query": r["query"], "positive": corpus[p["doc_id"]], "negatives": [corpus[n["doc_id"]] for n in r["negatives"]]}
+        for r in train_records for p in r["positives"]
+    ]
+    val_doc_ids = {d for r in val_records for d in [p["doc_id"] for p in r["positives"]] + [n["doc_id"] for n in r["negatives"]]}
+    return TrainingData(
+        examples=examples,
+        val_queries={r["query_id"]: r["query"] for r in val_records},
+        val_corpus={d: corpus[d] for d in sorted(val_doc_ids)},
+        val_qrels={r["query_id"]: {p["doc_id"]: p["grade"] for p in r["positives"]} for r in val_records},
+    )
+
+
+@click.command("train")
+@params_option
+def command(params_path: str) -> None:
+    """Fine-tune params `model` (a family in retrieval.models) and save it to data/models/finetuned."""
+    params = load_params(params_path)
+    family_name = str(section(params, "model"))
+    family = get_family(family_name)
+    if not family.TRAINABLE:
+        # Not a fake model: a folder that says there is nothing to fine-tune, so later stages know.
+        summary = {"family": family_name, "trained": False, "reason": f"{family_name} has no trainable parameters"}
+        with atomic_dir(FINETUNED_MODEL) as tmp:
+            write_json(summary, tmp / "training.json")
+        write_json({"trained": 0}, METRICS_DIR / "train.json")
+        click.echo(summary["reason"])
+        return
+
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    dataset = load_beir(raw_dir(params))
+    data = training_data(dataset.corpus, _read_jsonl(NEGATIVES_DIR / "train.jsonl"), _read_jsonl(NEGATIVES_DIR / "val.jsonl"))
+    train_params = section(params, "train")
+    settings = TrainSettings(**{k: train_params[k] for k in TrainSettings.__dataclass_fields__ if k in train_params})
+    settings.seed = int(train_params.get("seed", params.get("seed", settings.seed)))
+    live = Live(dir=str(TRAIN_CURVES), save_dvc_exp=False, dvcyaml=False)
+    summary = family.train(
+        section(params, "models", family_name), data, FINETUNED_MODEL, settings,
+        checkpoint_dir=CHECKPOINTS / family_name, callbacks=[DVCLiveCallback(live=live)],
+    )
+    live.end()
+    write_json({"trained": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}, METRICS_DIR / "train.json")
+    click.echo(f"train: {summary}")
