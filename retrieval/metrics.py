@@ -67,7 +67,7 @@ DEFAULT_METRICS = ["ndcg_at_10", "recall_at_5", "recall_at_20", "recall_at_100",
 def parse_metric(name: str) -> tuple[Callable, int]:
     """``"ndcg_at_10"`` -> (ndcg_at, 10)."""
     family, sep, cutoff = name.partition("_at_")
-    if not sep or family not in METRIC_FUNCTIONS or not cutoff.isdigit():
+    if not sep or family not in METRIC_FUNCTIONS or not (cutoff.isascii() and cutoff.isdigit()) or int(cutoff) < 1:
         raise ValueError(f"unknown metric {name!r}: use <{'|'.join(METRIC_FUNCTIONS)}>_at_<k>, e.g. ndcg_at_10")
     return METRIC_FUNCTIONS[family], int(cutoff)
 

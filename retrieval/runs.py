@@ -10,11 +10,14 @@ from .metrics import ranked
 
 
 def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike, tag: str) -> None:
+    if not tag or any(c.isspace() for c in tag):
+        raise ValueError(f"run tag {tag!r} must be a non-empty word without whitespace")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for qid in sorted(run):
             scores = run[qid]
+            # Full precision (repr): trec_eval ranks by score, so rounding would turn near-ties into ties.
             for rank, doc in enumerate(ranked(scores), start=1):
-                out.write(f"{qid} Q0 {doc} {rank} {scores[doc]:.6f} {tag}\n")
+                out.write(f"{qid} Q0 {doc} {rank} {float(scores[doc])!r} {tag}\n")
 
 
 def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:

@@ -32,8 +32,8 @@ def test_file_format_and_rank_order(tmp_path):
     q2 = [r for r in rows if r[0] == "q2"]
     assert [r[2] for r in q2] == ranked(RUN["q2"]) == ["d9", "d2", "d10", "d1", "d3"]
     assert [r[3] for r in q2] == ["1", "2", "3", "4", "5"]
-    assert [r[4] for r in q2] == ["1.250000", "1.250000", "1.250000", "0.500000", "-0.750000"]
-    assert lines[0] == "q1 Q0 a 1 3.000000 mytag"
+    assert [r[4] for r in q2] == ["1.25", "1.25", "1.25", "0.5", "-0.75"]
+    assert lines[0] == "q1 Q0 a 1 3.0 mytag"
 
 
 def test_read_order_follows_file_rank_and_ranked_reproduces_it(tmp_path):
@@ -100,10 +100,15 @@ def test_overwrite_replaces_content(tmp_path):
     assert read_trec_run(path) == {"q1": {"z": 1.0}}
 
 
-@pytest.mark.xfail(strict=True, reason="scores are written with 6 decimals: near-ties collapse, so the file's scores "
-                   "(which trec_eval ranks by) no longer reproduce its rank column")
 def test_near_tied_scores_keep_their_rank_order_after_roundtrip(tmp_path):
     path = tmp_path / "run.trec"
     run = {"q": {"a": 0.8123452, "b": 0.8123449}}  # a ranks first; both print as 0.812345
     write_trec_run(run, path, tag="t")
     assert ranked(read_trec_run(path)["q"]) == ranked(run["q"]) == ["a", "b"]
+
+
+def test_tag_with_whitespace_is_refused_before_writing(tmp_path):
+    path = tmp_path / "run.trec"
+    with pytest.raises(ValueError, match="whitespace"):
+        write_trec_run(RUN, path, tag="my tag")
+    assert not path.exists()

@@ -1,0 +1,166 @@
+"""Cross-encoder reranking and fine-tuning, on a tiny BERT built here (no model hub needed)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.metrics import ranked
+from retrieval.models.cross_encoder import load_cross_encoder, rerank, train_cross_encoder
+
+# (query, relevant document) pairs on distinct topics.
+PAIRS = [
+    ("volcano lava eruption", "Volcanoes erupt hot lava and ash when magma pressure builds up."),
+    ("honey bees pollinate", "Honey bees pollinate flowers and make honey in their hives."),
+    ("glacier ice melting", "Glaciers are slow rivers of ice; warming makes the ice melt."),
+    ("chess opening moves", "Chess players study opening moves such as the Sicilian defence."),
+    ("coffee caffeine sleep", "Caffeine in coffee blocks adenosine and can delay sleep."),
+    ("whale song ocean", "Humpback whales sing long songs that travel across the ocean."),
+    ("bread yeast dough", "Yeast ferments sugar in dough so bread rises before baking."),
+    ("solar panel electricity", "Solar panels turn sunlight into electricity with silicon cells."),
+    ("vaccine immune antibodies", "Vaccines train the immune system to produce antibodies."),
+    ("guitar strings tuning", "Guitar strings are tuned by turning the pegs on the headstock."),
+    ("desert cactus water", "Cactus plants store water to survive in the dry desert."),
+    ("bridge steel cables", "Suspension bridges hang the deck from strong steel cables."),
+]
+QUERIES = {f"q{i:02d}": query for i, (query, _) in enumerate(PAIRS)}
+DOC_TEXTS = {f"d{i:02d}": doc for i, (_, doc) in enumerate(PAIRS)}
+DOCS = list(DOC_TEXTS.values())
+# Each query's own document is its positive; four other topics' documents are its (easy) negatives.
+TRAIN_ROWS = [{"query": query, "positives": [DOCS[i]], "negatives": [DOCS[(i + j) % len(DOCS)] for j in range(1, 5)]}
+              for i, query in enumerate(QUERIES.values())]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """Tensors this small train faster on one thread, and far faster when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 BertForSequenceClassification (one score) with a WordPiece vocabulary of the fixture."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(DOCS + list(QUERIES.values()),
+                                  trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    bert_tokenizer = BertTokenizerFast(tokenizer_object=tokenizer, model_max_length=64, unk_token="[UNK]",
+                                       pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+    torch.manual_seed(0)
+    # initializer_range 0.2 rather than BERT's 0.02: untrained scores then differ by ~0.1 rather than ~1e-5, so
+    # that the order the model gives is clear-cut.
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=1,
+                        initializer_range=float(__import__("os").environ.get("INIT","0.2")), hidden_dropout_prob=float(__import__("os").environ.get("DROP","0.1")), attention_probs_dropout_prob=float(__import__("os").environ.get("DROP","0.1")))
+    folder = tmp_path_factory.mktemp("tiny-cross-encoder")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    bert_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def logits(model, pairs):
+    return model.predict(pairs, activation_fn=torch.nn.Identity(), show_progress_bar=False, batch_size=1)
+
+
+def test_rerank_follows_the_model_and_cuts_at_top_k(tiny_cross_encoder_dir):
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    # q00's d01 and d02 tie at 4.0: trec order puts d02 first, so top_k=3 keeps d00, d02, d01 and drops d03, d04.
+    run = {"q00": {"d00": 5.0, "d01": 4.0, "d02": 4.0, "d03": 1.0, "d04": 0.5},
+           "q01": {f"d{i:02d}": float(i) for i in range(8)},
+           "q02": {}}
+    reranked = rerank(model, QUERIES, run, DOC_TEXTS, top_k=3, batch_size=4, show_progress=False)
+
+    assert sorted(reranked) == ["q00", "q01", "q02"] and reranked["q02"] == {}
+    assert sorted(reranked["q00"]) == ["d00", "d01", "d02"]
+    assert sorted(reranked["q01"]) == ["d05", "d06", "d07"]  # the three highest BM25 scores
+    for qid, docs in reranked.items():
+        expected = dict(zip(docs, logits(model, [(QUERIES[qid], DOC_TEXTS[d]) for d in docs])))  # one pair at a time
+        assert docs == pytest.approx(expected, abs=1e-5)  # raw logits, independent of batching and padding
+        order = sorted(expected, key=expected.get, reverse=True)
+        assert all(expected[a] - expected[b] > 1e-4 for a, b in zip(order, order[1:])), "fixture scores too close"
+        assert ranked(docs) == order
+    assert ranked(reranked["q01"]) != ["d07", "d06", "d05"]  # the model did reorder the first-stage ranking
+
+
+def test_rerank_needs_every_text(tiny_cross_encoder_dir):
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    with pytest.raises(KeyError, match="documents have no text"):
+        rerank(model, QUERIES, {"q00": {"d00": 1.0, "nope": 2.0}}, DOC_TEXTS, show_progress=False)
+    with pytest.raises(KeyError, match="queries have no text"):
+        rerank(model, QUERIES, {"nope": {"d00": 1.0}}, DOC_TEXTS, show_progress=False)
+
+
+@pytest.mark.parametrize("loss", ["bce", "listwise"])
+def test_training_changes_saves_and_reloads(tiny_cross_encoder_dir, tmp_path, loss):
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    probe = [(row["query"], doc) for row in TRAIN_ROWS[:3] for doc in row["positives"] + row["negatives"][:2]]
+    before = logits(model, probe)
+
+    out_dir = tmp_path / "reranker"
+    summary = train_cross_encoder(model, TRAIN_ROWS, out_dir, loss=loss, negatives_per_positive=2, group_size=3,
+                                  epochs=1, batch_size=4, lr=1e-3)
+
+    # bce: 12 rows x (1 positive + 2 negatives) pairs; listwise: 12 groups (positive + 2 negatives). Batches of 4.
+    assert summary["train_examples"] == (36 if loss == "bce" else 12)
+    assert summary["steps"] == summary["train_examples"] // 4 and math.isfinite(summary["train_loss"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reranker"]  # saved atomically: no temporary left over
+    reloaded = load_cross_encoder(out_dir, max_length=64)
+    after = logits(reloaded, probe)
+    np.testing.assert_allclose(after, logits(model, probe), atol=1e-5)  # what was saved is what was trained
+    assert np.abs(after - before).max() > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["bce", "listwise"])
+def test_training_puts_positives_first_on_an_easy_fixture(tiny_cross_encoder_dir, tmp_path, loss):
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    summary = train_cross_encoder(model, TRAIN_ROWS, tmp_path / "reranker", loss=loss, negatives_per_positive=4,
+                                  group_size=5, epochs=15, batch_size=4, lr=2e-3, seed=1)
+    assert summary["train_loss"] < (0.5 if loss == "bce" else 1.0)
+    # Rerank each query's positive and negatives: the positive (d<i> for q<i>) must come first.
+    doc_id = {text: doc for doc, text in DOC_TEXTS.items()}
+    run = {qid: {doc_id[text]: 0.0 for text in row["positives"] + row["negatives"]} for qid, row in zip(QUERIES, TRAIN_ROWS)}
+    reranked = rerank(load_cross_encoder(tmp_path / "reranker", max_length=64), QUERIES, run, DOC_TEXTS,
+                      show_progress=False)
+    assert {qid: ranked(docs)[0] for qid, docs in reranked.items()} == {qid: "d" + qid[1:] for qid in QUERIES}
+
+
+def test_validation_keeps_the_best_epoch(tiny_cross_encoder_dir, tmp_path):
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    train_rows, val_rows = TRAIN_ROWS[:8], TRAIN_ROWS[8:]
+    summary = train_cross_encoder(model, train_rows, tmp_path / "reranker", loss="listwise", group_size=3,
+                                  epochs=3, batch_size=4, lr=1e-3, val_rows=val_rows)
+    per_epoch = summary["val_ndcg_at_10_per_epoch"]
+    assert len(per_epoch) == 3 and summary["best_val_ndcg_at_10"] == max(per_epoch)
+    # The saved model is the best epoch's: re-evaluating it gives the best score.
+    samples = [{"query": r["query"], "positive": r["positives"], "negative": r["negatives"]} for r in val_rows]
+    evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, write_csv=False)
+    rescored = evaluator(load_cross_encoder(tmp_path / "reranker", max_length=64))["ndcg@10"]
+    assert rescored == pytest.approx(summary["best_val_ndcg_at_10"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"loss": "listwise", "group_size": 1}, "group_size must be >= 2"),
+    ({"loss": "bce", "negatives_per_positive": 0}, "negatives_per_positive must be >= 1"),
+])
+def test_training_argument_errors(tiny_cross_encoder_dir, tmp_path, kwargs, message):
+    model = load_cross_encoder(tiny_cross_encoder_dir, max_length=64)
+    with pytest.raises(ValueError, match=message):
+        train_cross_encoder(model, TRAIN_ROWS, tmp_path / "reranker", **kwargs)
+    assert not (tmp_path / "reranker").exists()

@@ -1,0 +1,90 @@
+"""Integration: the real stage graph under `dvc repro` in a temporary git + DVC repository, on a tiny dataset and
+a tiny BERT built here. Slow-ish (a minute or two: JVM and torch start in several stages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import corpus_texts, write_tiny_bert, write_tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("pipeline")
+    data = write_tiny_dataset(work / "tiny-data")
+    model = write_tiny_bert(work / "tiny-model", corpus_texts(data))
+    repo = work / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for package in ("stages", "retrieval"):
+        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["dataset"].update(name="tiny", source="dir", path=str(data))
+    params["models"]["dense"].update(base_model=str(model), max_seq_length=64)
+    params["train"].update(batch_size=8, learning_rate=1e-3, epochs=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "ci@example.com"], repo)
+    run(["git", "config", "user.name", "ci"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo
+
+
+def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run(["dvc", "repro"], repo, env)
+
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert split["shared_groups"] == 0
+    assert split["test"]["queries"] == 12 and split["train"]["queries"] + split["val"]["queries"] == 36
+
+    report = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert report["num_queries"] == 12
+    for system in ("bm25", "baseline", "finetuned"):
+        assert set(report[system]) == {"ndcg_at_10", "recall_at_5", "recall_at_20", "recall_at_100", "mrr_at_10", "map_at_100"}
+        assert all(0.0 <= v <= 1.0 for v in report[system].values())
+        assert (repo / f"data/runs/{system}.trec").stat().st_size > 0
+    # Each query names its document's unique marker word: BM25 must find it near the top.
+    assert report["bm25"]["mrr_at_10"] > 0.9
+    delta = report["finetuned_minus_baseline"]["ndcg_at_10"]
+    assert delta == pytest.approx(report["finetuned"]["ndcg_at_10"] - report["baseline"]["ndcg_at_10"])
+    assert 0.0 <= report["finetuned_vs_baseline_p_value"]["ndcg_at_10"] <= 1.0
+    # Training at a high learning rate must have changed the model.
+    assert report["finetuned"] != report["baseline"]
+    assert not any("." in key for key in report)
+
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["trained"] == 1 and train["steps"] >= 1
+    assert (repo / "metrics/train/plots/metrics").is_dir()
+
+    # Nothing changed: a second repro runs no stage.
+    again = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline run"], repo)
+    experiment = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
+    assert "Running stage 'train'" in experiment and "Running stage 'index_baseline'" not in experiment
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    assert any(exp.get("experiments") for exp in shown), "the experiment is listed by dvc exp show"
+    diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
+    assert "metrics/evaluate.json" in diff or "metrics/train.json" in diff
