@@ -35,7 +35,7 @@ def _min_max(scores: list[float]) -> Callable[[float], float]:
 
 
 def _max(scores: list[float]) -> Callable[[float], float]:
-    high = max(scores)
+    high = max(scores)  # meant for scores >= 0 (BM25, cosine): negative logits would all divide by the 1e-9 floor
     return lambda s: s / max(high, _EPS)
 
 

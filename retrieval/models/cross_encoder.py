@@ -143,6 +143,7 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         args = CrossEncoderTrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
             seed=seed, data_seed=seed, report_to="none", logging_steps=50, disable_tqdm=False,
+            dataloader_pin_memory=False,  # batches are raw text (the loss tokenises): nothing to pin
             eval_strategy=per_epoch, save_strategy=per_epoch,
             # Checkpoints exist only to restore the best epoch: no optimizer state, at most best + latest on disk.
             save_only_model=True, save_total_limit=1, load_best_model_at_end=evaluator is not None,

@@ -74,8 +74,8 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         name="val", ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100],
         batch_size=int(config.get("encode_batch_size", 64)), show_progress_bar=False,
     )
-    before = evaluator(model)[evaluator.primary_metric]  # also sets primary_metric, e.g. "val_cosine_ndcg@10"
-    best_metric = f"eval_{evaluator.primary_metric}"
+    # The evaluator names its main score after the model's similarity, e.g. "val_cosine_ndcg@10".
+    best_metric = f"eval_val_{model.similarity_fn_name}_ndcg@10"
 
     folder, resumable = prepare_checkpoint_dir(
         checkpoint_dir, {"config": dict(config), "settings": settings_dict(settings), "rows": len(train_dataset)}
@@ -113,7 +113,6 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         "train_examples": len(train_dataset),
         "steps": int(result.global_step),
         "train_loss": float(result.training_loss),
-        "val_ndcg_at_10_before": float(before),
         "val_ndcg_at_10_best": float(trainer.state.best_metric),
         "resumed": resumable,
     }

@@ -181,9 +181,9 @@ def _triplets(data: TrainingData, negatives_per_query: int):
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, util
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import set_seed
 
     set_seed(settings.seed)

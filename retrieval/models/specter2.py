@@ -1,0 +1,516 @@
+"""SPECTER2 (Singh et al., 2023, SciRepEval): one shared BERT body, task adapters switched by input type.
+
+Queries go through the ad-hoc query adapter (``allenai/specter2_adhoc_query``), documents through the proximity
+adapter (``allenai/specter2``), both on ``allenai/specter2_base``; documents are ``title + [SEP] + abstract``
+and the embedding is the final [CLS] vector, as on the SPECTER2 model cards.
+
+Similarity: SPECTER2 is trained with a triplet margin loss on Euclidean distance (margin 1) and SciRepEval ranks
+search candidates by Euclidean distance, so the default ``similarity: l2`` scores a document by ``-||q - d||``
+on the raw (unnormalised) CLS vectors. faiss's inner-product indexes search it exactly through the usual
+MIPS transform: documents are indexed as ``[d, -||d||^2 / 2]`` and queries as ``[q, 1]``, whose inner product
+``q.d - ||d||^2 / 2`` orders documents as ``-||q - d||`` does; search reports ``-||q - d||``. ``dot`` and
+``cosine`` are available as alternatives.
+
+Offline (the adapters cannot be fetched from the hub), a BERT-like ``base_model`` gets freshly initialised
+bottleneck adapters (``seq_bn``, seeded so index and search build the same ones), with a warning.
+
+Training uses the transformers ``Trainer`` around a sentence-transformers-style loss module
+(``TripletLoss`` or ``MultipleNegativesRankingLoss``): seeded, tqdm progress, validation nDCG@10 every epoch with
+the best epoch kept, one checkpoint per epoch in ``checkpoint_dir`` resumed after a failure, and the callbacks
+(e.g. DVCLive) the train stage passes. With ``train_body: false`` only the two adapters are trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
+from ..hub import hub_reachable, resolve_model
+from ..io import atomic_dir
+from ..metrics import evaluate
+from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict
+
+TRAINABLE = True
+DEFAULT_BASE_MODEL = "allenai/specter2_base"
+DEFAULT_DOCUMENT_ADAPTER = "allenai/specter2"
+DEFAULT_QUERY_ADAPTER = "allenai/specter2_adhoc_query"
+DEFAULT_MAX_SEQ_LENGTH = 512
+SIMILARITIES = ("l2", "dot", "cosine")
+LOSSES = ("triplet", "mnrl")
+ROLES = ("query", "document")
+# Adapter names inside the model: distinct from every BERT module name (BERT has `...attention.self.query`).
+ADAPTER_NAMES = {"query": "query_adapter", "document": "document_adapter"}
+FRESH_ADAPTER_SEEDS = {"query": 1, "document": 2}
+META_FILE = "specter2.json"
+FAISS_BUILD_KEYS = ("hnsw_m", "hnsw_ef_construction", "ivf_nlist", "pq_m")
+FAISS_SEARCH_KEYS = ("hnsw_ef_search", "ivf_nprobe")
+
+logger = logging.getLogger(__name__)
+
+
+def _is_unset(value) -> bool:
+    return value is None or str(value).strip() in {"", "None", "null"}
+
+
+def _adapter_cached(adapter_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(adapter_id, "adapter_config.json"), str)
+
+
+def attach_adapter(model, role: str, source: str | None, fresh_config: str = "seq_bn") -> bool:
+    """Add the ``role`` adapter to ``model``: loaded from ``source`` (hub id or folder) when possible, else freshly
+    initialised (seeded) with a warning. Returns whether pretrained weights were loaded."""
+    name = ADAPTER_NAMES[role]
+    if not _is_unset(source):
+        local = Path(str(source)).expanduser()
+        if local.is_dir() or hub_reachable() or _adapter_cached(str(source)):
+            try:
+                model.load_adapter(str(local) if local.is_dir() else str(source), load_as=name, with_head=False)
+                return True
+            except Exception as err:  # noqa: BLE001 - any failure falls back to a fresh adapter, loudly
+                reason = f"loading it failed ({type(err).__name__}: {err})"
+        else:
+            reason = "the Hugging Face hub cannot be reached and it is not in the hub cache"
+        logger.warning("SPECTER2 %s adapter %r not loaded: %s. Using a FRESHLY INITIALISED %s adapter instead "
+                       "(zero-shot results are then those of the base model, not SPECTER2).", role, source, reason,
+                       fresh_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FRESH_ADAPTER_SEEDS[role])
+        model.add_adapter(name, config=fresh_config)
+    return False
+
+
+def document_text(doc: Mapping, sep_token: str) -> str:
+    """SPECTER2's document input: ``title + [SEP] + abstract``."""
+    return f"{doc.get('title') or ''}{sep_token}{doc.get('text') or ''}"
+
+
+class Specter2Encoder(nn.Module):
+    """A BERT body with a query adapter and a document adapter; ``forward(features, role)`` -> CLS embeddings."""
+
+    def __init__(self, model, tokenizer, *, similarity: str = "l2", max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+                 info: dict | None = None):
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown SPECTER2 similarity {similarity!r}: use one of {', '.join(SIMILARITIES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.similarity = similarity
+        self.max_seq_length = int(max_seq_length)
+        self.info = dict(info or {})
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+    def document_texts(self, docs: list[Mapping]) -> list[str]:
+        return [document_text(doc, self.tokenizer.sep_token) for doc in docs]
+
+    def tokenize(self, texts: list[str]) -> dict:
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
+                                   return_tensors="pt", return_token_type_ids=False))
+
+    # --- embeddings -----------------------------------------------------------------------------------------------
+    def forward(self, features: Mapping, role: str) -> torch.Tensor:
+        from adapters import AdapterSetup
+
+        with AdapterSetup(ADAPTER_NAMES[role]):
+            return self.model(**features).last_hidden_state[:, 0]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], role: str, *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch: less padding
+        chunks = []
+        for start in tqdm(range(0, len(order), batch_size), desc=f"encode {role}", disable=not progress):
+            features = self.tokenize([texts[i] for i in order[start:start + batch_size]])
+            chunks.append(self(({k: v.to(device) for k, v in features.items()}), role).float().cpu())
+        self.train(was_training)
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        out = torch.empty_like(embeddings)
+        out[torch.tensor(order, dtype=torch.long)] = embeddings
+        return out.numpy().astype(np.float32)
+
+    def encode_queries(self, queries: list[str], **kwargs) -> np.ndarray:
+        return self.encode(list(queries), "query", **kwargs)
+
+    def encode_documents(self, docs: list[Mapping], **kwargs) -> np.ndarray:
+        return self.encode(self.document_texts(docs), "document", **kwargs)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    # --- similarity -----------------------------------------------------------------------------------------------
+    def scores(self, queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        """[num queries, num docs] similarity matrix (higher is better)."""
+        if self.similarity == "l2":
+            return -torch.cdist(queries, docs)
+        if self.similarity == "cosine":
+            queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
+        return queries @ docs.T
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Row-wise distance for the triplet loss (lower is closer); Euclidean for l2, as nn.TripletMarginLoss."""
+        if self.similarity == "l2":
+            return F.pairwise_distance(a, b)
+        if self.similarity == "cosine":
+            return 1 - F.cosine_similarity(a, b)
+        return -(a * b).sum(-1)
+
+    # --- trainable parameters -------------------------------------------------------------------------------------
+    def adapter_parameter_names(self) -> set[str]:
+        names = set(ADAPTER_NAMES.values())
+        return {n for n, _ in self.model.named_parameters() if names & set(n.split("."))}
+
+    def set_trainable(self, train_body: bool) -> int:
+        """Freeze the body unless ``train_body``; adapters always train. Returns the trainable parameter count."""
+        adapter_names = self.adapter_parameter_names()
+        if not adapter_names:
+            raise RuntimeError("no adapter parameters found in the SPECTER2 model")
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(train_body or name in adapter_names)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """Body + both adapters via ``save_pretrained`` (AutoAdapterModel reloads them), each adapter also on its own
+        via ``save_adapter`` in ``adapters/<role>`` (loadable onto the base with ``load_adapter``), the tokenizer and
+        ``specter2.json``."""
+        folder = Path(folder)
+        self.model.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        for role in ROLES:
+            target = folder / "adapters" / role
+            target.mkdir(parents=True, exist_ok=True)
+            self.model.save_adapter(str(target), ADAPTER_NAMES[role], with_head=False)
+        meta = {**self.info, "similarity": self.similarity, "max_seq_length": self.max_seq_length,
+                "adapters": dict(ADAPTER_NAMES)}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def is_saved_model(model_ref) -> bool:
+    return not _is_unset(model_ref) and (Path(str(model_ref)) / META_FILE).is_file()
+
+
+def load(model_ref: str | None, config: Mapping | None = None) -> Specter2Encoder:
+    """A folder saved by ``train`` (``Specter2Encoder.save``), or ``model_ref`` (default: ``config.base_model``) as
+    the body with the configured adapters (fresh ones when they cannot be loaded)."""
+    from adapters import AutoAdapterModel
+    from transformers import AutoTokenizer
+
+    config = config or {}
+    device = config.get("device")
+    if is_saved_model(model_ref):
+        folder = Path(str(model_ref))
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        model = AutoAdapterModel.from_pretrained(str(folder))
+        present = set(model.adapters_config.adapters)
+        for role in ROLES:
+            if ADAPTER_NAMES[role] not in present:
+                model.load_adapter(str(folder / "adapters" / role), load_as=ADAPTER_NAMES[role], with_head=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        max_seq_length = config.get("max_seq_length") or meta.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH
+        encoder = Specter2Encoder(model, tokenizer, similarity=meta.get("similarity", "l2"),
+                                  max_seq_length=max_seq_length, info={k: meta[k] for k in meta if k in (
+                                      "base_model", "adapter_sources", "pretrained_adapters")})
+        return encoder.to(device) if device else encoder
+
+    base = str(model_ref) if not _is_unset(model_ref) else str(config.get("base_model") or DEFAULT_BASE_MODEL)
+    path = resolve_model(base)
+    model = AutoAdapterModel.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sources = {"query": config.get("query_adapter", DEFAULT_QUERY_ADAPTER),
+               "document": config.get("document_adapter", DEFAULT_DOCUMENT_ADAPTER)}
+    fresh_config = str(config.get("fresh_adapter_config") or "seq_bn")
+    pretrained = {role: attach_adapter(model, role, sources[role], fresh_config) for role in ROLES}
+    encoder = Specter2Encoder(
+        model, tokenizer, similarity=str(config.get("similarity") or "l2"),
+        max_seq_length=config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH,
+        info={"base_model": base, "adapter_sources": {r: None if _is_unset(s) else str(s) for r, s in sources.items()},
+              "pretrained_adapters": pretrained},
+    )
+    return encoder.to(device) if device else encoder
+
+
+# --- losses (sentence-transformers style: an nn.Module holding the model, forward -> scalar loss) ----------------------
+class TripletLoss(nn.Module):
+    """SPECTER's loss: ``max(0, d(q, p) - d(q, n) + margin)`` averaged over every (row, hard negative); with
+    ``similarity: l2`` it is ``nn.TripletMarginLoss(margin)`` (Euclidean distance)."""
+
+    def __init__(self, encoder: Specter2Encoder, margin: float = 1.0):
+        super().__init__()
+        self.encoder = encoder
+        self.margin = float(margin)
+
+    def forward(self, query: dict, positive: dict, negatives: dict, doc_keys: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.encoder(query, "query")
+        p = self.encoder(positive, "document")
+        n = self.encoder(negatives, "document").view(q.shape[0], -1, q.shape[1])  # [batch, negatives, dim]
+        per_negative = [F.triplet_margin_with_distance_loss(q, p, n[:, j], distance_function=self.encoder.distance,
+                                                            margin=self.margin) for j in range(n.shape[1])]
+        return torch.stack(per_negative).mean()
+
+
+class MultipleNegativesRankingLoss(nn.Module):
+    """Cross-entropy of each query's positive against all positives and hard negatives in the batch; a column
+    holding the same text as the row's positive (a duplicate) is masked out rather than counted as a negative."""
+
+    def __init__(self, encoder: Specter2Encoder, scale: float | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.scale = float(scale if scale is not None else (20.0 if encoder.similarity == "cosine" else 1.0))
+
+    def forward(self, query: dict, positive: dict, negatives: dict, doc_keys: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.encoder(query, "query")
+        docs = torch.cat([self.encoder(positive, "document"), self.encoder(negatives, "document")])
+        logits = self.encoder.scores(q, docs) * self.scale
+        rows = torch.arange(q.shape[0], device=q.device)
+        if doc_keys is not None:
+            duplicate = doc_keys[None, :] == doc_keys[rows, None]
+            duplicate[rows, rows] = False
+            logits = logits.masked_fill(duplicate, float("-inf"))
+        return F.cross_entropy(logits, rows)
+
+
+def make_loss(config: Mapping, encoder: Specter2Encoder) -> nn.Module:
+    name = str(config.get("loss") or "triplet")
+    if name == "triplet":
+        return TripletLoss(encoder, margin=float(config.get("margin", 1.0)))
+    if name == "mnrl":
+        return MultipleNegativesRankingLoss(encoder, scale=config.get("scale"))
+    raise ValueError(f"unknown SPECTER2 loss {name!r}: use one of {', '.join(LOSSES)}")
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+def _rows(data: TrainingData, sep_token: str, negatives_per_query: int) -> list[dict]:
+    """One row per (query, positive) with its first ``negatives_per_query`` hard negatives; shorter rows dropped."""
+    rows = []
+    for example in data.examples:
+        negatives = example["negatives"][:negatives_per_query]
+        if len(negatives) < negatives_per_query:
+            continue
+        rows.append({"query": example["query"], "positive": document_text(example["positive"], sep_token),
+                     "negatives": [document_text(n, sep_token) for n in negatives]})
+    if not rows:
+        raise ValueError("no training examples with enough hard negatives: check the mine stage's output and params")
+    return rows
+
+
+class _Collator:
+    def __init__(self, encoder: Specter2Encoder):
+        self.encoder = encoder
+
+    def __call__(self, rows: list[dict]) -> dict:
+        positives = [r["positive"] for r in rows]
+        negatives = [n for r in rows for n in r["negatives"]]
+        texts: dict[str, int] = {}
+        keys = [texts.setdefault(t, len(texts)) for t in positives + negatives]  # equal text -> equal key
+        return {"query": self.encoder.tokenize([r["query"] for r in rows]), "positive": self.encoder.tokenize(positives),
+                "negatives": self.encoder.tokenize(negatives), "doc_keys": torch.tensor(keys, dtype=torch.long)}
+
+
+def validation_ndcg(encoder: Specter2Encoder, data: TrainingData, *, batch_size: int = 32) -> float:
+    """nDCG@10 of ranking ``data.val_corpus`` for ``data.val_queries`` (exact scores, the index's similarity)."""
+    qids = [q for q in data.val_queries if q in data.val_qrels]
+    doc_ids = list(data.val_corpus)
+    queries = torch.from_numpy(encoder.encode_queries([data.val_queries[q] for q in qids], batch_size=batch_size))
+    docs = torch.from_numpy(encoder.encode_documents([data.val_corpus[d] for d in doc_ids], batch_size=batch_size))
+    scores, rows = encoder.scores(queries, docs).topk(min(100, len(doc_ids)), dim=1)
+    run = {qid: {doc_ids[r]: float(s) for s, r in zip(score_row.tolist(), row.tolist())}
+           for qid, score_row, row in zip(qids, scores, rows)}
+    return evaluate({q: data.val_qrels[q] for q in qids}, run, ["ndcg_at_10"])["ndcg_at_10"]
+
+
+class _TrainingModule(nn.Module):
+    """What the Trainer trains and checkpoints: the loss (holding the encoder), whose checkpoints keep only the
+    trainable parameters, once each (adapters tie a prompt-tuning alias to the word embeddings). The Trainer then
+    treats the other keys as deliberately not saved (``_keys_to_ignore_on_save``) when it reloads a checkpoint."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+        seen, saved = set(), []
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            if parameter.requires_grad and parameter.data_ptr() not in seen:
+                seen.add(parameter.data_ptr())
+                saved.append(name)
+        self._keys_saved = saved
+        self._keys_to_ignore_on_save = [k for k in self.state_dict(keep_vars=True) if k not in set(saved)]
+
+    def checkpoint_state_dict(self) -> dict:
+        state = self.state_dict()
+        return {k: state[k].contiguous() for k in self._keys_saved}
+
+    def tie_weights(self) -> None:  # the Trainer calls this after loading a checkpoint without the ignored keys
+        pass
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.loss(**inputs)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class Specter2Trainer(Trainer):
+        """Trains a ``_TrainingModule``; evaluation is retrieval nDCG@10 on the validation queries."""
+
+        def __init__(self, *args, validate, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._validate = validate
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = model(**inputs)
+            return (loss, None) if return_outputs else loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            super()._save(output_dir, state_dict=self.model.checkpoint_state_dict())
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            metrics = {f"{metric_key_prefix}_ndcg_at_10": float(self._validate())}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return Specter2Trainer
+
+
+def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
+          checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(settings.seed)
+    encoder = load(None, config)
+    train_body = bool(config.get("train_body", False))
+    trainable = encoder.set_trainable(train_body)
+    loss = make_loss(config, encoder)
+    rows = _rows(data, encoder.tokenizer.sep_token, settings.negatives_per_query)
+    batch_size = int(config.get("encode_batch_size", 32))
+    has_val = any(q in data.val_qrels for q in data.val_queries)
+
+    def validate() -> float:
+        return validation_ndcg(encoder, data, batch_size=batch_size)
+
+    before = validate() if has_val else None
+    folder, resumable = prepare_checkpoint_dir(
+        checkpoint_dir, {"family": "specter2", "config": dict(config), "settings": settings_dict(settings),
+                         "rows": len(rows)}
+    )
+    learning_rate = config.get("learning_rate")
+    args = TrainingArguments(
+        output_dir=str(folder),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=float(learning_rate if not _is_unset(learning_rate) else settings.learning_rate),
+        warmup_ratio=settings.warmup_ratio,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_ndcg_at_10" if has_val else None,
+        greater_is_better=True,
+        logging_steps=5,
+        report_to="none",
+        disable_tqdm=False,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
+    trainer = _trainer_class()(
+        model=_TrainingModule(loss), args=args, train_dataset=rows, eval_dataset=list(data.val_queries) if has_val else None,
+        data_collator=_Collator(encoder), callbacks=list(callbacks), validate=validate,
+    )
+    result = trainer.train(resume_from_checkpoint=True if resumable else None)
+    encoder.info["train_body"] = train_body
+    with atomic_dir(out_dir) as tmp:
+        encoder.save(tmp)
+    return {
+        "family": "specter2",
+        "base_model": encoder.info.get("base_model"),
+        "pretrained_adapters": int(all(encoder.info.get("pretrained_adapters", {}).values())),
+        "loss": str(config.get("loss") or "triplet"),
+        "train_body": int(train_body),
+        "trainable_parameters": int(trainable),
+        "train_examples": len(rows),
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "val_ndcg_at_10_before": float(before) if before is not None else float("nan"),
+        "val_ndcg_at_10_best": float(trainer.state.best_metric) if has_val else float("nan"),
+        "resumed": resumable,
+    }
+
+
+# --- index and search ---------------------------------------------------------------------------------------------
+def _index_vectors(embeddings: np.ndarray, similarity: str, *, is_query: bool, pad_to: int | None = None) -> np.ndarray:
+    """Vectors whose inner product ranks as ``similarity`` does (see the module docstring), zero-padded to ``pad_to``."""
+    vectors = embeddings.astype(np.float32)
+    if similarity == "cosine":
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    elif similarity == "l2":
+        extra = np.ones((len(vectors), 1), np.float32) if is_query else -0.5 * (vectors ** 2).sum(1, keepdims=True)
+        vectors = np.hstack([vectors, extra])
+    if pad_to and pad_to > vectors.shape[1]:
+        vectors = np.hstack([vectors, np.zeros((len(vectors), pad_to - vectors.shape[1]), np.float32)])
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
+    encoder = load(model_ref, config)
+    doc_ids = list(corpus)
+    embeddings = encoder.encode_documents([corpus[d] for d in doc_ids], batch_size=int(config.get("encode_batch_size", 32)),
+                                          progress=True)
+    faiss_config = config.get("faiss", {}) or {}
+    kind = faiss_config.get("kind", "flat")
+    dim = embeddings.shape[1] + (1 if encoder.similarity == "l2" else 0)
+    if kind == "ivfpq":  # product quantisation needs pq_m to divide the dimension: pad with zeros (IP unchanged)
+        pq_m = int(faiss_config.get("pq_m", 16))
+        dim = -(-dim // pq_m) * pq_m
+    vectors = _index_vectors(embeddings, encoder.similarity, is_query=False, pad_to=dim)
+    index = build_faiss_index(vectors, kind, **{k: v for k, v in faiss_config.items() if k in FAISS_BUILD_KEYS})
+    saved = is_saved_model(model_ref)
+    info = {"family": "specter2", "encoder": str(model_ref) if saved else None, "kind": kind, "dim": int(dim),
+            "embedding_dim": int(embeddings.shape[1]), "similarity": encoder.similarity, "normalized": False,
+            # enough to rebuild the same (baseline) model for the queries
+            "base_model": None if saved else encoder.info.get("base_model"),
+            "adapter_sources": None if saved else encoder.info.get("adapter_sources"),
+            "pretrained_adapters": encoder.info.get("pretrained_adapters")}
+    save_dense_index(index, doc_ids, index_dir, info)
+    return {"num_docs": len(doc_ids), "dim": int(embeddings.shape[1]), "kind": kind,
+            "pretrained_adapters": int(all((encoder.info.get("pretrained_adapters") or {}).values())),
+            "index_bytes": (Path(index_dir) / "index.faiss").stat().st_size}
+
+
+def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
+    faiss_config = config.get("faiss", {}) or {}
+    searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in FAISS_SEARCH_KEYS})
+    info = read_index_info(index_dir)
+    if info.get("encoder"):
+        encoder = load(info["encoder"], config)
+    else:
+        sources = info.get("adapter_sources") or {}
+        encoder = load(info["base_model"], {**dict(config), "similarity": info["similarity"],
+                                            "query_adapter": sources.get("query"),
+                                            "document_adapter": sources.get("document")})
+    if encoder.similarity != info["similarity"]:
+        raise ValueError(f"{index_dir}: index built for {info['similarity']} similarity, model uses {encoder.similarity}")
+    qids = list(queries)
+    embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 32)))
+    hits = searcher.batch_search(_index_vectors(embeddings, info["similarity"], is_query=True, pad_to=info["dim"]), qids, k)
+    if info["similarity"] != "l2":
+        return hits
+    # inner product s = q.d - ||d||^2/2, so ||q - d||^2 = ||q||^2 - 2s: report the negative Euclidean distance
+    norms = dict(zip(qids, (embeddings.astype(np.float64) ** 2).sum(1)))
+    return {qid: [(doc, -float(np.sqrt(max(norms[qid] - 2.0 * s, 0.0)))) for doc, s in doc_hits]
+            for qid, doc_hits in hits.items()}
