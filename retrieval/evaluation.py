@@ -22,3 +22,41 @@ def compare_systems(qrels: Qrels, runs: Mapping[str, Run], *, metrics: list[str]
         report[f"{a}_minus_{b}"] = {m: report[a][m] - report[b][m] for m in metrics}
         report[f"{a}_vs_{b}_p_value"] = {m: paired_t_test(scores[a][m], scores[b][m]) for m in metrics}
     return report
+
+
+def turn_bucket(turn) -> str:
+    """Turn positions grouped as MTRAG analyses do: 1, 2, 3-5, 6+ (names without dots for DVC)."""
+    turn = int(turn)
+    return "turn_1" if turn <= 1 else "turn_2" if turn == 2 else "turn_3_5" if turn <= 5 else "turn_6_plus"
+
+
+def breakdown(qrels: Qrels, runs: Mapping[str, Run], groups: Mapping[str, str], *,
+              metrics: list[str] = DEFAULT_METRICS) -> dict:
+    """Per group of queries (e.g. turn bucket or a query field's value): query count and each system's means.
+    Queries without a group are left out."""
+    members: dict[str, dict] = {}
+    for qid in qrels:
+        if qid in groups:
+            members.setdefault(groups[qid], {})[qid] = qrels[qid]
+    return {
+        group: {"num_queries": len(group_qrels),
+                **{name: {m: sum(s.values()) / len(s) for m in metrics for s in [per_query(group_qrels, run, m)]}
+                   for name, run in runs.items()}}
+        for group, group_qrels in sorted(members.items())
+    }
+
+
+def group_queries(queries: Mapping[str, dict], field: str) -> dict[str, str]:
+    """Query id -> group name for a breakdown field; ``turn`` is bucketed, other fields are used as they are."""
+    groups = {}
+    for qid, record in queries.items():
+        value = record.get(field)
+        if value is None or value == "":
+            continue
+        groups[qid] = turn_bucket(value) if field == "turn" else _key(str(value))
+    return groups
+
+
+def _key(value: str) -> str:
+    """A metrics key without dots or spaces (DVC flattens nested keys with dots)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in value) or "_"

@@ -37,6 +37,8 @@ def raw_dir(params: dict) -> Path:
 
 
 SPLIT_DIR = Path("data/split")
+FORMATTED_QUERIES = Path("data/queries/queries.jsonl")
+REWRITE_CACHE = Path("data/rewrites/cache.jsonl")
 BM25_INDEX = Path("data/indexes/bm25")
 NEGATIVES_DIR = Path("data/negatives")
 FINETUNED_MODEL = Path("data/models/finetuned")
@@ -48,3 +50,11 @@ METRICS_DIR = Path("metrics")
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def read_formatted_queries() -> dict[str, str]:
+    """Query id -> the text retrievers see, as written by the `queries` stage."""
+    import json
+
+    with open(FORMATTED_QUERIES, encoding="utf-8") as lines:
+        return {r["_id"]: r["text"] for r in map(json.loads, filter(str.strip, lines))}

@@ -1,17 +1,18 @@
 """Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model; write TREC runs
-and metrics/evaluate.json."""
+and metrics/evaluate.json (with per-turn and per-field breakdowns when params ask for them)."""
 
 import click
 
 from retrieval.bm25 import BM25Searcher, hits_to_run
 from retrieval.dataset import load_beir, read_qrels
-from retrieval.evaluation import compare_systems
+from retrieval.evaluation import breakdown, compare_systems, group_queries
 from retrieval.io import atomic_dir, write_json
 from retrieval.metrics import DEFAULT_METRICS
 from retrieval.models import get_family
 from retrieval.runs import write_trec_run
 
-from .common import BM25_INDEX, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params, params_option, raw_dir, section
+from .common import (BM25_INDEX, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params, params_option, raw_dir,
+                     read_formatted_queries, section)
 
 
 @click.command("evaluate")
@@ -25,7 +26,8 @@ def command(params_path: str) -> None:
     dataset = load_beir(raw_dir(params))
     qrels = read_qrels(SPLIT_DIR / "test.tsv", dataset.corpus.keys(), dataset.queries.keys())
     qids = sorted(qrels)
-    queries = {q: dataset.queries[q]["text"] for q in qids}
+    formatted = read_formatted_queries()
+    queries = {q: formatted[q] for q in qids}
 
     searcher = BM25Searcher(BM25_INDEX, k1=float(bm25["k1"]), b=float(bm25["b"]))
     runs = {"bm25": hits_to_run(searcher.batch_search([queries[q] for q in qids], qids, k=depth))}
@@ -39,6 +41,10 @@ def command(params_path: str) -> None:
         comparisons = [("finetuned", "baseline")]
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)
+    for field in evaluate.get("breakdowns") or []:
+        groups = group_queries(dataset.queries, str(field))
+        if groups:
+            report[f"by_{field}"] = breakdown(qrels, runs, groups, metrics=metrics)
     with atomic_dir(RUNS_DIR) as tmp:
         for system, run in runs.items():
             write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" else f"{family_name}-{system}")

@@ -7,7 +7,7 @@ from retrieval.dataset import load_beir, read_qrels
 from retrieval.io import write_json, write_jsonl, atomic_dir
 from retrieval.mining import mine_negatives
 
-from .common import BM25_INDEX, METRICS_DIR, NEGATIVES_DIR, SPLIT_DIR, load_params, params_option, raw_dir, section
+from .common import BM25_INDEX, METRICS_DIR, NEGATIVES_DIR, SPLIT_DIR, load_params, params_option, raw_dir, read_formatted_queries, section
 
 
 @click.command("mine")
@@ -17,6 +17,7 @@ def command(params_path: str) -> None:
     params = load_params(params_path)
     mine, bm25 = section(params, "mine"), section(params, "bm25")
     dataset = load_beir(raw_dir(params))
+    queries = read_formatted_queries()
     build_bm25_index(dataset.corpus, BM25_INDEX, threads=int(mine.get("threads", 2)))
     searcher = BM25Searcher(BM25_INDEX, k1=float(bm25["k1"]), b=float(bm25["b"]))
     stats = {}
@@ -24,7 +25,7 @@ def command(params_path: str) -> None:
         for split in ("train", "val"):
             qrels = read_qrels(SPLIT_DIR / f"{split}.tsv", dataset.corpus.keys(), dataset.queries.keys())
             qids = sorted(qrels)
-            texts = {q: dataset.queries[q]["text"] for q in qids}
+            texts = {q: queries[q] for q in qids}
             results = searcher.batch_search([texts[q] for q in qids], qids, k=int(mine["depth"]),
                                             threads=int(mine.get("threads", 2)))
             records = mine_negatives(results, qrels, texts, rank_start=int(mine["rank_start"]),
