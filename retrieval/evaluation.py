@@ -53,10 +53,13 @@ def group_queries(queries: Mapping[str, dict], field: str) -> dict[str, str]:
         value = record.get(field)
         if value is None or value == "":
             continue
-        groups[qid] = turn_bucket(value) if field == "turn" else _key(str(value))
+        if field == "turn":
+            groups[qid] = turn_bucket(value)
+        else:  # MTRAG annotations are lists of labels, e.g. ["PARTIAL"] or ["Factoid", "Explanation"]
+            groups[qid] = _key("+".join(map(str, value)) if isinstance(value, list) else str(value))
     return groups
 
 
 def _key(value: str) -> str:
     """A metrics key without dots or spaces (DVC flattens nested keys with dots)."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in value) or "_"
+    return "".join(c if c.isalnum() or c in "-_+" else "_" for c in value) or "_"

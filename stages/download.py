@@ -15,11 +15,17 @@ def command(params_path: str) -> None:
     params = load_params(params_path)
     dataset_params = section(params, "dataset")
     try:
-        dataset = fetch_dataset(
-            str(dataset_params["name"]), str(dataset_params.get("source", "beir")), raw_dir(params),
-            path=dataset_params.get("path"), url_template=dataset_params.get("url") or BEIR_URL,
-            hf_repo=dataset_params.get("hf_repo"),
-        )
+        if dataset_params.get("source") == "mtrag":  # dataset.name is mtrag-<domain>, e.g. mtrag-cloud
+            from retrieval.mtrag import fetch_mtrag
+
+            domain = str(dataset_params["name"]).removeprefix("mtrag-")
+            dataset = fetch_mtrag(domain, raw_dir(params))
+        else:
+            dataset = fetch_dataset(
+                str(dataset_params["name"]), str(dataset_params.get("source", "beir")), raw_dir(params),
+                path=dataset_params.get("path"), url_template=dataset_params.get("url") or BEIR_URL,
+                hf_repo=dataset_params.get("hf_repo"),
+            )
     except (DataError, FetchError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     splits = ", ".join(f"{s}: {len(q)} queries" for s, q in sorted(dataset.qrels.items()))

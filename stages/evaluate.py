@@ -1,6 +1,8 @@
 """Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model; write TREC runs
 and metrics/evaluate.json (with per-turn and per-field breakdowns when params ask for them)."""
 
+import json
+
 import click
 
 from retrieval.bm25 import BM25Searcher, hits_to_run
@@ -41,6 +43,11 @@ def command(params_path: str) -> None:
         comparisons = [("finetuned", "baseline")]
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)
+    if family.TRAINABLE and hasattr(family, "query_stats"):  # e.g. SPLADE: active dimensions and index size
+        for system, index_dir in INDEX_DIRS.items():
+            info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+            report[f"{system}_index"] = {**family.query_stats(index_dir, queries, config),
+                                         **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
     for field in evaluate.get("breakdowns") or []:
         groups = group_queries(dataset.queries, str(field))
         if groups:

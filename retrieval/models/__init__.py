@@ -8,6 +8,7 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {
     "bm25": "retrieval.models.bm25",
     "dense": "retrieval.models.dense",
+    "splade": "retrieval.models.splade",
 }
 
 

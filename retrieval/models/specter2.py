@@ -6,10 +6,9 @@ and the embedding is the final [CLS] vector, as on the SPECTER2 model cards.
 
 Similarity: SPECTER2 is trained with a triplet margin loss on Euclidean distance (margin 1) and SciRepEval ranks
 search candidates by Euclidean distance, so the default ``similarity: l2`` scores a document by ``-||q - d||``
-on the raw (unnormalised) CLS vectors. faiss's inner-product indexes search it exactly through the usual
-MIPS transform: documents are indexed as ``[d, -||d||^2 / 2]`` and queries as ``[q, 1]``, whose inner product
-``q.d - ||d||^2 / 2`` orders documents as ``-||q - d||`` does; search reports ``-||q - d||``. ``dot`` and
-``cosine`` are available as alternatives.
+on the raw (unnormalised) CLS vectors, searched with a faiss L2 index (flat, HNSW or IVF-PQ); search reports
+``-||q - d||`` so that higher is better as for the other families. ``dot`` and ``cosine`` (faiss inner product,
+as the dense family) are available as alternatives.
 
 Offline (the adapters cannot be fetched from the hub), a BERT-like ``base_model`` gets freshly initialised
 bottleneck adapters (``seq_bn``, seeded so index and search build the same ones), with a warning.
@@ -135,7 +134,7 @@ class Specter2Encoder(nn.Module):
         chunks = []
         for start in tqdm(range(0, len(order), batch_size), desc=f"encode {role}", disable=not progress):
             features = self.tokenize([texts[i] for i in order[start:start + batch_size]])
-            chunks.append(self(({k: v.to(device) for k, v in features.items()}), role).float().cpu())
+            chunks.append(self({k: v.to(device) for k, v in features.items()}, role).float().cpu())
         self.train(was_training)
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, self.dim)
         out = torch.empty_like(embeddings)
@@ -446,42 +445,61 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         "train_examples": len(rows),
         "steps": int(result.global_step),
         "train_loss": float(result.training_loss),
-        "val_ndcg_at_10_before": float(before) if before is not None else float("nan"),
-        "val_ndcg_at_10_best": float(trainer.state.best_metric) if has_val else float("nan"),
+        "val_ndcg_at_10_before": float(before) if before is not None else None,
+        "val_ndcg_at_10_best": float(trainer.state.best_metric) if has_val else None,
         "resumed": resumable,
     }
 
 
 # --- index and search ---------------------------------------------------------------------------------------------
-def _index_vectors(embeddings: np.ndarray, similarity: str, *, is_query: bool, pad_to: int | None = None) -> np.ndarray:
-    """Vectors whose inner product ranks as ``similarity`` does (see the module docstring), zero-padded to ``pad_to``."""
-    vectors = embeddings.astype(np.float32)
-    if similarity == "cosine":
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    elif similarity == "l2":
-        extra = np.ones((len(vectors), 1), np.float32) if is_query else -0.5 * (vectors ** 2).sum(1, keepdims=True)
-        vectors = np.hstack([vectors, extra])
-    if pad_to and pad_to > vectors.shape[1]:
-        vectors = np.hstack([vectors, np.zeros((len(vectors), pad_to - vectors.shape[1]), np.float32)])
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+def build_l2_index(embeddings: np.ndarray, kind: str = "flat", *, hnsw_m: int = 32, hnsw_ef_construction: int = 200,
+                   ivf_nlist: int = 1024, pq_m: int = 16, seed: int = 42):
+    """The Euclidean counterpart of ``dense_index.build_faiss_index`` (same kinds and parameters); faiss returns
+    squared distances, nearest first. (HNSW graphs navigate far worse with inner product over MIPS-transformed
+    vectors than with L2 itself, hence a native L2 index.)"""
+    import faiss
+
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_L2)
+        index.hnsw.efConstruction = hnsw_ef_construction
+    elif kind == "ivfpq":
+        if dim % pq_m:
+            raise ValueError(f"ivfpq: pq_m={pq_m} must divide the embedding dimension {dim}")
+        nlist = max(1, min(ivf_nlist, n // 39))  # faiss wants ~39 training points per centroid
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_m, 8, faiss.METRIC_L2)
+        index.cp.seed = seed
+        index.train(vectors)
+    else:
+        raise ValueError(f"unknown faiss index kind {kind!r}: use one of flat, hnsw, ivfpq")
+    index.add(vectors)
+    return index
+
+
+def _normalize(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
     encoder = load(model_ref, config)
     doc_ids = list(corpus)
-    embeddings = encoder.encode_documents([corpus[d] for d in doc_ids], batch_size=int(config.get("encode_batch_size", 32)),
-                                          progress=True)
+    embeddings = encoder.encode_documents([corpus[d] for d in doc_ids], progress=True,
+                                          batch_size=int(config.get("encode_batch_size", 32)))
     faiss_config = config.get("faiss", {}) or {}
     kind = faiss_config.get("kind", "flat")
-    dim = embeddings.shape[1] + (1 if encoder.similarity == "l2" else 0)
-    if kind == "ivfpq":  # product quantisation needs pq_m to divide the dimension: pad with zeros (IP unchanged)
-        pq_m = int(faiss_config.get("pq_m", 16))
-        dim = -(-dim // pq_m) * pq_m
-    vectors = _index_vectors(embeddings, encoder.similarity, is_query=False, pad_to=dim)
-    index = build_faiss_index(vectors, kind, **{k: v for k, v in faiss_config.items() if k in FAISS_BUILD_KEYS})
+    build_args = {k: v for k, v in faiss_config.items() if k in FAISS_BUILD_KEYS}
+    if encoder.similarity == "l2":
+        index = build_l2_index(embeddings, kind, **build_args)
+    else:
+        index = build_faiss_index(_normalize(embeddings) if encoder.similarity == "cosine" else embeddings, kind,
+                                  **build_args)
     saved = is_saved_model(model_ref)
-    info = {"family": "specter2", "encoder": str(model_ref) if saved else None, "kind": kind, "dim": int(dim),
-            "embedding_dim": int(embeddings.shape[1]), "similarity": encoder.similarity, "normalized": False,
+    info = {"family": "specter2", "encoder": str(model_ref) if saved else None, "kind": kind,
+            "dim": int(embeddings.shape[1]), "similarity": encoder.similarity,
+            "normalized": encoder.similarity == "cosine",
             # enough to rebuild the same (baseline) model for the queries
             "base_model": None if saved else encoder.info.get("base_model"),
             "adapter_sources": None if saved else encoder.info.get("adapter_sources"),
@@ -506,11 +524,11 @@ def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, con
     if encoder.similarity != info["similarity"]:
         raise ValueError(f"{index_dir}: index built for {info['similarity']} similarity, model uses {encoder.similarity}")
     qids = list(queries)
-    embeddings = encoder.encode_queries([queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 32)))
-    hits = searcher.batch_search(_index_vectors(embeddings, info["similarity"], is_query=True, pad_to=info["dim"]), qids, k)
+    vectors = encoder.encode_queries([queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 32)))
+    if info["similarity"] == "cosine":
+        vectors = _normalize(vectors)
+    hits = searcher.batch_search(vectors, qids, k)
     if info["similarity"] != "l2":
         return hits
-    # inner product s = q.d - ||d||^2/2, so ||q - d||^2 = ||q||^2 - 2s: report the negative Euclidean distance
-    norms = dict(zip(qids, (embeddings.astype(np.float64) ** 2).sum(1)))
-    return {qid: [(doc, -float(np.sqrt(max(norms[qid] - 2.0 * s, 0.0)))) for doc, s in doc_hits]
-            for qid, doc_hits in hits.items()}
+    # faiss gives squared Euclidean distances, nearest first: report -||q - d||, higher is better as elsewhere
+    return {qid: [(doc, -float(np.sqrt(max(d, 0.0)))) for doc, d in doc_hits] for qid, doc_hits in hits.items()}

@@ -6,10 +6,16 @@ import importlib.util
 import json
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from sentence_transformers import SparseEncoder
 
-from retrieval.io import atomic_dir
+from ..dataset import doc_text
+from ..hub import resolve_model
+from ..io import atomic_dir, write_jsonl
+from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
+from .base import TrainingData, TrainSettings
+from .st_training import fit, triplet_columns, validation_task
 
 try:  # sentence-transformers >= 5.4: a fill-mask Transformer replaces the deprecated MLMTransformer
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
@@ -65,27 +71,105 @@ def encode_sparse(model: SparseEncoder, texts: list[str], *, batch_size: int = 3
 
 def train_splade(model: SparseEncoder, train_rows: list[dict], out_dir, *, epochs: int = 1, batch_size: int = 16,
                  lr: float = 2e-5, query_reg: float = 5e-5, document_reg: float = 3e-5, seed: int = 42) -> str:
-    """Fine-tune with SpladeLoss(SparseMultipleNegativesRankingLoss) + FLOPS regularisation; save to ``out_dir``.
-
-    ``train_rows`` hold ``query`` and ``positive`` and optionally ``negative`` (a hard negative); the other
-    positives in a batch serve as further negatives. The trainer adds SpladeRegularizerWeightSchedulerCallback,
-    which raises the regulariser weights from 0 to their values over the first third of the steps.
-    """
+    """Fine-tune on rows of ``query``, ``positive`` and optionally ``negative`` without validation (used by the
+    tests and for quick experiments); the pipeline's ``train`` adds validation and checkpoints."""
     from datasets import Dataset
     from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
-    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
 
     columns = ["query", "positive"] + (["negative"] if all("negative" in row for row in train_rows) else [])
     dataset = Dataset.from_dict({column: [row[column] for row in train_rows] for column in columns})
-    loss = SpladeLoss(model, loss=SparseMultipleNegativesRankingLoss(model),
-                      query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
     with tempfile.TemporaryDirectory(prefix="splade-train-") as scratch:
         args = SparseEncoderTrainingArguments(
             output_dir=scratch, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             learning_rate=lr, seed=seed, data_seed=seed,
             batch_sampler="no_duplicates",  # a duplicate text in a batch would be a false in-batch negative
             save_strategy="no", report_to="none", logging_steps=50)
-        SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+        SparseEncoderTrainer(model=model, args=args, train_dataset=dataset,
+                             loss=splade_loss(model, query_reg, document_reg)).train()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
     return str(out_dir)
+
+
+def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float):
+    """SpladeLoss: in-batch + hard-negative ranking loss plus FLOPS regularisation of queries and documents. The
+    trainer adds SpladeRegularizerWeightSchedulerCallback, which warms the weights up from 0 over the first third
+    of the steps."""
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    return SpladeLoss(model, loss=SparseMultipleNegativesRankingLoss(model),
+                      query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
+
+
+# ---- the model family interface (see retrieval/models/base.py) ----
+
+TRAINABLE = True
+
+
+def load(model_ref: str, config: Mapping | None = None) -> SparseEncoder:
+    model = load_splade(resolve_model(model_ref))
+    if config and config.get("max_seq_length"):
+        model.max_seq_length = int(config["max_seq_length"])
+    return model
+
+
+def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings, *, checkpoint_dir, callbacks=()) -> dict:
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+    from transformers import set_seed
+
+    set_seed(settings.seed)
+    model = load(config["base_model"], config)
+    evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
+                                                    batch_size=int(config.get("encode_batch_size", 32)))
+    loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)))
+    columns = triplet_columns(data, settings.negatives_per_query, anchor="query")
+    summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
+                  config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+                  trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
+    return {"family": "splade", "base_model": config["base_model"], **summary}
+
+
+def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:
+    """A Lucene impact index of quantised document term weights, plus the weights themselves (vectors.jsonl) for
+    the exact in-memory search that cross-checks it."""
+    model = load(model_ref, config)
+    doc_ids = list(corpus)
+    weights = encode_sparse(model, [doc_text(corpus[d]) for d in doc_ids], is_query=False,
+                            batch_size=int(config.get("encode_batch_size", 32)))
+    scale = float(config.get("scale", 100.0))
+    with atomic_dir(index_dir) as tmp:
+        stats = build_impact_index(doc_ids, weights, tmp / "lucene", scale=scale, threads=int(config.get("threads", 2)))
+        write_jsonl(({"id": d, "vector": quantize(w, scale)} for d, w in zip(doc_ids, weights)), tmp / "vectors.jsonl")
+        (tmp / "index.json").write_text(json.dumps({"encoder": str(model_ref), "scale": scale, **stats}, indent=2) + "\n")
+    return stats
+
+
+def _searcher(index_dir: Path, config: Mapping):
+    info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+    if config.get("search", "impact") == "exact":
+        with open(index_dir / "vectors.jsonl", encoding="utf-8") as lines:
+            records = [json.loads(line) for line in lines]
+        # The stored weights are already quantised: scale 1 keeps them as they are.
+        return ExactSparseSearcher([r["id"] for r in records], [r["vector"] for r in records], scale=1.0), info
+    return ImpactSearcher(index_dir / "lucene", scale=info["scale"]), info
+
+
+def encode_queries(index_dir, queries: Mapping[str, str], config: Mapping) -> list[dict[str, float]]:
+    info = json.loads((Path(index_dir) / "index.json").read_text(encoding="utf-8"))
+    model = load(info["encoder"], config)
+    return encode_sparse(model, list(queries.values()), is_query=True, batch_size=int(config.get("encode_batch_size", 32)))
+
+
+def search(index_dir, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
+    searcher, info = _searcher(Path(index_dir), config)
+    query_weights = encode_queries(index_dir, queries, config)
+    if config.get("search", "impact") == "exact":
+        query_weights = [quantize(w, info["scale"]) for w in query_weights]
+    return searcher.batch_search(query_weights, list(queries), k=k)
+
+
+def query_stats(index_dir, queries: Mapping[str, str], config: Mapping) -> dict:
+    """Sparsity of the queries as encoded for search: average active dimensions."""
+    weights = encode_queries(index_dir, queries, config)
+    return {"avg_query_terms": sum(len(w) for w in weights) / max(1, len(weights))}

@@ -1,0 +1,92 @@
+"""The fine-tuning loop shared by the sentence-transformers families (dense, DPR, SPLADE): the library's trainer
+with validation every epoch, the best epoch kept, seeded, resumable checkpoints and an atomic save."""
+
+from __future__ import annotations
+
+import os
+
+from ..dataset import doc_text
+from ..io import atomic_dir
+from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict
+
+
+def triplet_columns(data: TrainingData, negatives_per_query: int, *, anchor: str = "anchor",
+                    positive: str = "positive", negative: str = "negative") -> dict[str, list[str]]:
+    """Columns anchor, positive, negative_1..n (the loss sees every column after the first two as negatives).
+    Rows without enough negatives are dropped: the loss needs full rows."""
+    columns: dict[str, list[str]] = {anchor: [], positive: []}
+    negative_names = [f"{negative}_{i + 1}" for i in range(negatives_per_query)]
+    columns.update({name: [] for name in negative_names})
+    for example in data.examples:
+        negatives = example["negatives"][:negatives_per_query]
+        if len(negatives) < negatives_per_query:
+            continue
+        columns[anchor].append(example["query"])
+        columns[positive].append(doc_text(example["positive"]))
+        for name, doc in zip(negative_names, negatives):
+            columns[name].append(doc_text(doc))
+    if not columns[anchor]:
+        raise ValueError("no training examples with enough hard negatives: check the mine stage's output and params")
+    return columns
+
+
+def validation_task(data: TrainingData) -> dict:
+    """Keyword arguments for an InformationRetrievalEvaluator over the validation queries."""
+    return {
+        "queries": data.val_queries,
+        "corpus": {doc_id: doc_text(doc) for doc_id, doc in data.val_corpus.items()},
+        "relevant_docs": {q: {d for d, g in docs.items() if g > 0} for q, docs in data.val_qrels.items()},
+        "name": "val", "ndcg_at_k": [10], "mrr_at_k": [10], "accuracy_at_k": [1], "precision_recall_at_k": [10],
+        "map_at_k": [100], "show_progress_bar": False,
+    }
+
+
+def fit(model, loss, train_columns: dict[str, list[str]], evaluator, best_metric: str, settings: TrainSettings, *,
+        config: dict, out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, callbacks=(),
+        trainer_cls=None, args_cls=None, extra_args: dict | None = None) -> dict:
+    """Train ``model`` with ``loss``; keep the epoch with the best ``best_metric`` (an evaluator key, e.g.
+    "val_cosine_ndcg@10"); save it to ``out_dir``. Returns a summary."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.training_args import BatchSamplers
+
+    trainer_cls = trainer_cls or SentenceTransformerTrainer
+    args_cls = args_cls or SentenceTransformerTrainingArguments
+    train_dataset = Dataset.from_dict(train_columns)
+    folder, resumable = prepare_checkpoint_dir(
+        checkpoint_dir, {"config": dict(config), "settings": settings_dict(settings), "rows": len(train_dataset)}
+    )
+    args = args_cls(
+        output_dir=str(folder),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_ratio=settings.warmup_ratio,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        # Two queries sharing a positive in one batch would make it a false in-batch negative.
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_{best_metric}",
+        greater_is_better=True,
+        logging_steps=5,
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_pin_memory=False,
+        **(extra_args or {}),
+    )
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
+                          callbacks=list(callbacks))
+    result = trainer.train(resume_from_checkpoint=True if resumable else None)
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(str(tmp))
+    return {
+        "train_examples": len(train_dataset),
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "val_ndcg_at_10_best": float(trainer.state.best_metric),
+        "resumed": resumable,
+    }
