@@ -8,6 +8,8 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {
     "bm25": "retrieval.models.bm25",
     "dense": "retrieval.models.dense",
+    "dpr": "retrieval.models.dpr",
+    "specter2": "retrieval.models.specter2",
     "splade": "retrieval.models.splade",
 }
 

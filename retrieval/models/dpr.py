@@ -32,8 +32,8 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import ModelNotAvailable, resolve_model
-from ..io import atomic_dir
-from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict
+from .base import TrainingData, TrainSettings
+from .st_training import fit, triplet_columns, validation_task
 
 TRAINABLE = True
 DEFAULT_QUERY_MODEL = "facebook/dpr-question_encoder-single-nq-base"
@@ -159,91 +159,27 @@ def encode_passages(model, texts: list[str], *, batch_size: int = 64, progress: 
                                  show_progress_bar=progress).astype(np.float32)
 
 
-def _triplets(data: TrainingData, negatives_per_query: int):
-    """Columns anchor, positive, negative_1..n; rows without enough negatives are dropped (MNRL needs a full row)."""
-    from datasets import Dataset
-
-    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
-    columns.update({f"negative_{i + 1}": [] for i in range(negatives_per_query)})
-    for example in data.examples:
-        negatives = example["negatives"][:negatives_per_query]
-        if len(negatives) < negatives_per_query:
-            continue
-        columns["anchor"].append(example["query"])
-        columns["positive"].append(doc_text(example["positive"]))
-        for i, negative in enumerate(negatives):
-            columns[f"negative_{i + 1}"].append(doc_text(negative))
-    if not columns["anchor"]:
-        raise ValueError("no training examples with enough hard negatives: check the mine stage's output and params")
-    return Dataset.from_dict(columns)
-
-
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, util
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import util
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
 
     set_seed(settings.seed)
     query_model, passage_model = tower_refs(config)
     model = load(None, config)
-    train_dataset = _triplets(data, settings.negatives_per_query)
-    evaluator = InformationRetrievalEvaluator(
-        queries=data.val_queries,
-        corpus={doc_id: doc_text(doc) for doc_id, doc in data.val_corpus.items()},
-        relevant_docs={q: {d for d, g in docs.items() if g > 0} for q, docs in data.val_qrels.items()},
-        name="val", ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[100],
-        batch_size=int(config.get("encode_batch_size", 64)), show_progress_bar=False,
-    )
-    before = evaluator(model)[evaluator.primary_metric]  # also sets primary_metric: "val_dot_ndcg@10"
-
-    folder, resumable = prepare_checkpoint_dir(
-        checkpoint_dir, {"family": "dpr", "config": dict(config), "settings": settings_dict(settings),
-                         "rows": len(train_dataset)}
-    )
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(folder),
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_ratio=settings.warmup_ratio,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        # Two queries sharing a positive in one batch would make it a false in-batch negative.
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        # The Router sends each column through its tower: questions -> query, passages -> document.
-        router_mapping={column: "query" if column == "anchor" else "document" for column in train_dataset.column_names},
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=f"eval_{evaluator.primary_metric}",
-        greater_is_better=True,
-        logging_steps=5,
-        report_to="none",
-        disable_tqdm=False,
-        dataloader_pin_memory=False,
-    )
+    columns = triplet_columns(data, settings.negatives_per_query)
+    evaluator = InformationRetrievalEvaluator(**validation_task(data), batch_size=int(config.get("encode_batch_size", 64)))
     # DPR's loss: cross-entropy over dot products with the positive, the other in-batch passages and hard negatives.
     loss = MultipleNegativesRankingLoss(model, scale=1.0, similarity_fct=util.dot_score)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
-                                         evaluator=evaluator, callbacks=list(callbacks))
-    result = trainer.train(resume_from_checkpoint=True if resumable else None)
-    with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(str(tmp))
-    return {
-        "family": "dpr",
-        "query_model": query_model,
-        "passage_model": passage_model,
-        "train_examples": len(train_dataset),
-        "steps": int(result.global_step),
-        "train_loss": float(result.training_loss),
-        "val_ndcg_at_10_before": float(before),
-        "val_ndcg_at_10_best": float(trainer.state.best_metric),
-        "resumed": resumable,
-    }
+    summary = fit(
+        model, loss, columns, evaluator, "val_dot_ndcg@10", settings, config={"family": "dpr", **dict(config)},
+        out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+        # The Router sends each column through its tower: questions -> query, passages -> document.
+        extra_args={"router_mapping": {c: "query" if c == "anchor" else "document" for c in columns}},
+    )
+    return {"family": "dpr", "query_model": query_model, "passage_model": passage_model, **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
