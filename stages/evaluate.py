@@ -11,6 +11,7 @@ from retrieval.evaluation import breakdown, compare_systems, group_queries
 from retrieval.io import atomic_dir, write_json
 from retrieval.metrics import DEFAULT_METRICS
 from retrieval.models import get_family
+from retrieval.precision import inference_precision
 from retrieval.runs import write_trec_run
 
 from .common import (BM25_INDEX, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params, params_option, raw_dir,
@@ -38,8 +39,9 @@ def command(params_path: str) -> None:
     comparisons = []
     if family.TRAINABLE:
         config = section(params, "models", family_name)
-        for system, index_dir in INDEX_DIRS.items():
-            runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
+        with inference_precision(str(section(params, "encode", "precision"))):  # as the index stage encoded
+            for system, index_dir in INDEX_DIRS.items():
+                runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
         comparisons = [("finetuned", "baseline")]
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)

@@ -88,3 +88,28 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     assert any(exp.get("experiments") for exp in shown), "the experiment is listed by dvc exp show"
     diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
     assert "metrics/evaluate.json" in diff or "metrics/train.json" in diff
+
+
+@pytest.mark.parametrize("family", ["bm25", "splade", "dpr", "specter2"])
+def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
+    """`dvc exp run -S model=<family>` trains, indexes and evaluates any family into the same metrics layout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    tiny_bert = str(Path(yaml.safe_load((repo / "params.yaml").read_text())["models"]["dense"]["base_model"]).parent / "bert")
+    overrides = {
+        "bm25": [],
+        "splade": ["-S", "models.splade.base_model=naver/splade-v3", "-S", "models.splade.max_seq_length=64"],
+        "dpr": ["-S", f"models.dpr.base_model={tiny_bert}", "-S", "models.dpr.max_seq_length=64"],
+        "specter2": ["-S", f"models.specter2.base_model={tiny_bert}", "-S", "models.specter2.max_seq_length=64"],
+    }[family]
+    run(["dvc", "exp", "run", "-S", f"model={family}", *overrides], repo, env)
+    report = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert report["bm25"]["mrr_at_10"] > 0.9
+    if family == "bm25":
+        assert "baseline" not in report and "finetuned" not in report
+        assert json.loads((repo / "data/models/finetuned/training.json").read_text())["trained"] is False
+    else:
+        assert 0 <= report["finetuned"]["ndcg_at_10"] <= 1 and 0 <= report["baseline"]["ndcg_at_10"] <= 1
+        assert "ndcg_at_10" in report["finetuned_vs_baseline_p_value"]
+        assert json.loads((repo / "metrics/train.json").read_text())["steps"] >= 1
+    if family == "splade":
+        assert report["finetuned_index"]["avg_query_terms"] > 0 and report["finetuned_index"]["index_bytes"] > 0
