@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
@@ -54,6 +54,15 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> tup
     stamp.write_text(digest + "\n")
     resumable = any(p.name.startswith("checkpoint-") for p in folder.iterdir())
     return folder, resumable
+
+
+def with_family_learning_rate(settings: TrainSettings, config) -> TrainSettings:
+    """A family section's own ``learning_rate`` (when set) overrides ``train.learning_rate``: adapters and an
+    already-trained SPLADE want different rates from full fine-tuning of a dense model."""
+    value = (config or {}).get("learning_rate")
+    if value is None or str(value).strip() in {"", "None", "null"}:
+        return settings
+    return replace(settings, learning_rate=float(value))
 
 
 def settings_dict(settings: TrainSettings) -> dict:

@@ -36,7 +36,7 @@ from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, sav
 from ..hub import hub_reachable, resolve_model
 from ..io import atomic_dir
 from ..metrics import evaluate
-from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict
+from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict, with_family_learning_rate
 
 TRAINABLE = True
 DEFAULT_BASE_MODEL = "allenai/specter2_base"
@@ -406,12 +406,11 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         checkpoint_dir, {"family": "specter2", "config": dict(config), "settings": settings_dict(settings),
                          "rows": len(rows)}
     )
-    learning_rate = config.get("learning_rate")
     args = TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=float(learning_rate if not _is_unset(learning_rate) else settings.learning_rate),
+        learning_rate=with_family_learning_rate(settings, config).learning_rate,
         warmup_ratio=settings.warmup_ratio,
         seed=settings.seed,
         data_seed=settings.seed,

@@ -14,7 +14,7 @@ from ..dataset import doc_text
 from ..hub import resolve_model
 from ..io import atomic_dir, write_jsonl
 from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
-from .base import TrainingData, TrainSettings
+from .base import TrainingData, TrainSettings, with_family_learning_rate
 from .st_training import fit, triplet_columns, validation_task
 
 try:  # sentence-transformers >= 5.4: a fill-mask Transformer replaces the deprecated MLMTransformer
@@ -118,6 +118,7 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
     from transformers import set_seed
 
+    settings = with_family_learning_rate(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
