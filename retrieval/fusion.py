@@ -127,3 +127,26 @@ def fuse(runs: Sequence[Run], method: str = "rrf", **params) -> dict[str, dict[s
     if missing := [name for name in required if name not in params]:
         raise ValueError(f"fusion method {method!r} needs {', '.join(missing)} (weights: one per run)")
     return function(runs, **params)
+
+
+def fuse_systems(runs: Mapping[str, Run], specs: Sequence[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
+    """Named fused systems from named runs: each spec is ``{"name", "runs": [system, ...], "method", ...params}``
+    (e.g. ``{"name": "hybrid", "runs": ["bm25", "finetuned"], "method": "rrf", "k": 60}``).
+
+    A spec naming a system that is absent (e.g. ``finetuned`` when the family has nothing to train) is skipped,
+    so one params file serves every family; a spec without a name or with fewer than two runs is an error.
+    """
+    fused = {}
+    for position, spec in enumerate(specs):
+        spec = dict(spec)
+        name, members = spec.pop("name", None), spec.pop("runs", None)
+        if not name or not isinstance(members, (list, tuple)) or len(members) < 2:
+            raise ValueError(f"fusion spec {position + 1} needs a name and a list of two or more runs, got "
+                             f"name={name!r} runs={members!r}")
+        if name in runs or name in fused:
+            raise ValueError(f"fusion spec {position + 1}: name {name!r} is already a system")
+        if any(member not in runs and member not in fused for member in members):
+            continue
+        sources = [runs[m] if m in runs else fused[m] for m in members]
+        fused[name] = fuse(sources, str(spec.pop("method", "rrf")), **spec)
+    return fused

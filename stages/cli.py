@@ -12,7 +12,7 @@ import click
 
 from .common import setup_logging
 
-STAGES = ("download", "queries", "split", "mine", "train", "index", "evaluate")
+STAGES = ("download", "queries", "split", "mine", "train", "index", "evaluate", "train_reranker", "rerank")
 
 
 class StageGroup(click.Group):

@@ -45,11 +45,21 @@ FINETUNED_MODEL = Path("data/models/finetuned")
 CHECKPOINTS = Path("data/checkpoints")
 INDEX_DIRS = {"baseline": Path("data/indexes/baseline"), "finetuned": Path("data/indexes/finetuned")}
 RUNS_DIR = Path("data/runs")
+RERANKER_MODEL = Path("data/models/reranker")
+RERANKED_DIR = Path("data/reranked")
 METRICS_DIR = Path("metrics")
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file this pipeline wrote itself (input data is validated by retrieval.dataset)."""
+    import json
+
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_formatted_queries() -> dict[str, str]:
@@ -58,3 +68,14 @@ def read_formatted_queries() -> dict[str, str]:
 
     with open(FORMATTED_QUERIES, encoding="utf-8") as lines:
         return {r["_id"]: r["text"] for r in map(json.loads, filter(str.strip, lines))}
+
+
+def skip_reranking(out_dir: Path, metrics_path: Path) -> None:
+    """With ``rerank.enabled: false`` the reranking stages still write their outputs, saying that they did not
+    run, so the graph stays one graph and enabling them is one ``-S rerank.enabled=true``."""
+    from retrieval.io import atomic_dir, write_json
+
+    with atomic_dir(out_dir) as tmp:
+        write_json({"reranked": False, "reason": "rerank.enabled is false in params.yaml"}, tmp / "info.json")
+    write_json({"reranked": 0}, metrics_path)
+    click.echo("reranking is disabled (rerank.enabled: false): nothing to do")

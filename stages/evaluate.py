@@ -1,5 +1,6 @@
-"""Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model; write TREC runs
-and metrics/evaluate.json (with per-turn and per-field breakdowns when params ask for them)."""
+"""Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model, and fused (hybrid)
+systems of those runs; write TREC runs and metrics/evaluate.json (with per-turn and per-field breakdowns when
+params ask for them)."""
 
 import json
 
@@ -8,6 +9,7 @@ import click
 from retrieval.bm25 import BM25Searcher, hits_to_run
 from retrieval.dataset import load_beir, read_qrels
 from retrieval.evaluation import breakdown, compare_systems, group_queries
+from retrieval.fusion import fuse_systems
 from retrieval.io import atomic_dir, write_json
 from retrieval.metrics import DEFAULT_METRICS
 from retrieval.models import get_family
@@ -43,6 +45,13 @@ def command(params_path: str) -> None:
             for system, index_dir in INDEX_DIRS.items():
                 runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
         comparisons = [("finetuned", "baseline")]
+    try:
+        hybrids = fuse_systems(runs, evaluate.get("fusion") or [])
+    except ValueError as error:
+        raise click.ClickException(f"params.yaml evaluate.fusion: {error}") from None
+    runs.update(hybrids)
+    if "finetuned" in runs:
+        comparisons += [(name, "finetuned") for name in hybrids]
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)
     if family.TRAINABLE and hasattr(family, "query_stats"):  # e.g. SPLADE: active dimensions and index size
@@ -56,7 +65,7 @@ def command(params_path: str) -> None:
             report[f"by_{field}"] = breakdown(qrels, runs, groups, metrics=metrics)
     with atomic_dir(RUNS_DIR) as tmp:
         for system, run in runs.items():
-            write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" else f"{family_name}-{system}")
+            write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" or system in hybrids else f"{family_name}-{system}")
     write_json(report, METRICS_DIR / "evaluate.json")
     for system in runs:
         click.echo(f"{system}: " + ", ".join(f"{m}={v:.4f}" for m, v in report[system].items()))

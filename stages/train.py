@@ -1,8 +1,5 @@
 """Stage `train`: fine-tune the model family chosen by params `model` on the mined triplets."""
 
-import json
-from pathlib import Path
-
 import click
 
 from retrieval.dataset import load_beir
@@ -10,14 +7,10 @@ from retrieval.io import atomic_dir, write_json
 from retrieval.models import get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
-from .common import CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, load_params, params_option, raw_dir, section
+from .common import (CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, load_params, params_option, raw_dir,
+                     read_jsonl, section)
 
 TRAIN_CURVES = METRICS_DIR / "train"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
 
 
 def training_data(corpus: dict, train_records: list[dict], val_records: list[dict]) -> TrainingData:
@@ -42,20 +35,26 @@ def command(params_path: str) -> None:
     params = load_params(params_path)
     family_name = str(section(params, "model"))
     family = get_family(family_name)
+    from dvclive import Live
+
     if not family.TRAINABLE:
         # Not a fake model: a folder that says there is nothing to fine-tune, so later stages know.
         summary = {"family": family_name, "trained": False, "reason": f"{family_name} has no trainable parameters"}
         with atomic_dir(FINETUNED_MODEL) as tmp:
             write_json(summary, tmp / "training.json")
         write_json({"trained": 0}, METRICS_DIR / "train.json")
+        # The declared curve outputs exist but are empty, so no other family's curves are left behind.
+        live = Live(dir=str(TRAIN_CURVES), save_dvc_exp=False, dvcyaml=False)
+        live.summary = {"trained": 0}
+        live.end()
+        (TRAIN_CURVES / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
         click.echo(summary["reason"])
         return
 
-    from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
     dataset = load_beir(raw_dir(params))
-    data = training_data(dataset.corpus, _read_jsonl(NEGATIVES_DIR / "train.jsonl"), _read_jsonl(NEGATIVES_DIR / "val.jsonl"))
+    data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"))
     train_params = section(params, "train")
     settings = TrainSettings(**{k: train_params[k] for k in TrainSettings.__dataclass_fields__ if k in train_params})
     settings.seed = int(train_params.get("seed", params.get("seed", settings.seed)))

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from retrieval.fusion import fuse, rrf, weighted_sum
+from retrieval.fusion import fuse, fuse_systems, rrf, weighted_sum
 from retrieval.metrics import ranked
 
 # q1 is in both runs; d3 is only in SPARSE and d4 only in DENSE. q2 is only in SPARSE.
@@ -97,3 +97,27 @@ def test_agrees_with_ranx_without_ties():
         assert ours.keys() == theirs.keys()
         for qid in ours:
             assert ours[qid] == pytest.approx(dict(theirs[qid]), abs=1e-12), (method, qid)
+
+
+def test_fuse_systems_names_fused_runs_and_skips_absent_members():
+    runs = {"bm25": SPARSE, "finetuned": DENSE}
+    specs = [{"name": "hybrid", "runs": ["bm25", "finetuned"], "method": "rrf", "k": 60},
+             {"name": "with_baseline", "runs": ["bm25", "baseline"]},            # no baseline run: skipped
+             {"name": "again", "runs": ["hybrid", "bm25"], "method": "wsum", "weights": [1.0, 0.0]}]
+    fused = fuse_systems(runs, specs)
+    assert list(fused) == ["hybrid", "again"]
+    assert fused["hybrid"] == rrf([SPARSE, DENSE], k=60)
+    # Weight 0 on bm25: the min-max normalised hybrid scores alone, so the order is the hybrid's.
+    assert list(fused["again"]["q1"]) == list(fused["hybrid"]["q1"])
+    assert specs[0] == {"name": "hybrid", "runs": ["bm25", "finetuned"], "method": "rrf", "k": 60}  # not consumed
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"runs": ["bm25", "finetuned"]}, "needs a name"),
+    ({"name": "h", "runs": ["bm25"]}, "two or more runs"),
+    ({"name": "bm25", "runs": ["bm25", "finetuned"]}, "already a system"),
+    ({"name": "h", "runs": ["bm25", "finetuned"], "method": "rrf", "kk": 1}, "unknown: kk"),
+])
+def test_fuse_systems_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        fuse_systems({"bm25": SPARSE, "finetuned": DENSE}, [spec])

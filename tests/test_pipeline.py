@@ -39,6 +39,9 @@ def repo(tmp_path_factory) -> Path:
     params["dataset"].update(name="tiny", source="dir", path=str(data))
     params["models"]["dense"].update(base_model=str(model), max_seq_length=64)
     params["train"].update(batch_size=8, learning_rate=1e-3, epochs=1)
+    # The tiny BERT body with a fresh one-score head is the reranker to fine-tune.
+    params["rerank"].update(enabled=True, base_model=str(model.parent / "bert"), max_length=64, top_k=10, batch_size=16)
+    params["rerank"]["train"].update(batch_size=8, learning_rate=1e-3)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "config", "user.email", "ci@example.com"], repo)
@@ -60,7 +63,7 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     report = json.loads((repo / "metrics/evaluate.json").read_text())
     assert report["num_queries"] == 12
     metrics = set(yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["metrics"])
-    for system in ("bm25", "baseline", "finetuned"):
+    for system in ("bm25", "baseline", "finetuned", "hybrid"):
         assert set(report[system]) == metrics
         assert all(0.0 <= v <= 1.0 for v in report[system].values())
         assert (repo / f"data/runs/{system}.trec").stat().st_size > 0
@@ -69,9 +72,22 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     delta = report["finetuned_minus_baseline"]["ndcg_at_10"]
     assert delta == pytest.approx(report["finetuned"]["ndcg_at_10"] - report["baseline"]["ndcg_at_10"])
     assert 0.0 <= report["finetuned_vs_baseline_p_value"]["ndcg_at_10"] <= 1.0
+    # params' hybrid is RRF of bm25 and finetuned, compared with finetuned.
+    assert 0.0 <= report["hybrid_vs_finetuned_p_value"]["ndcg_at_10"] <= 1.0
     # Training at a high learning rate must have changed the model.
     assert report["finetuned"] != report["baseline"]
     assert not any("." in key for key in report)
+
+    reranked = json.loads((repo / "metrics/rerank.json").read_text())
+    assert reranked["num_queries"] == 12 and reranked["top_k"] == 10
+    for system in ("first_stage", "baseline_reranker", "finetuned_reranker"):
+        assert set(reranked[system]) == metrics
+        assert (repo / f"data/reranked/{system}.trec").read_text().split()[5] == f"hybrid-{system}"  # reranked hybrid
+    # Reranking only reorders the first stage's top 10, so recall at 10 cannot move.
+    assert reranked["finetuned_reranker"]["recall_at_10"] == pytest.approx(reranked["first_stage"]["recall_at_10"])
+    assert reranked["first_stage"]["ndcg_at_10"] == pytest.approx(report["hybrid"]["ndcg_at_10"])
+    assert 0.0 <= reranked["finetuned_reranker_vs_baseline_reranker_p_value"]["ndcg_at_10"] <= 1.0
+    assert json.loads((repo / "metrics/train_reranker.json").read_text())["steps"] >= 1
 
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["trained"] == 1 and train["steps"] >= 1
@@ -85,6 +101,7 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     run(["git", "commit", "-qm", "baseline run"], repo)
     experiment = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, env)
     assert "Running stage 'train'" in experiment and "Running stage 'index_baseline'" not in experiment
+    assert "Running stage 'rerank'" in experiment and "Running stage 'train_reranker'" not in experiment
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     assert any(exp.get("experiments") for exp in shown), "the experiment is listed by dvc exp show"
     diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
@@ -106,7 +123,8 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
     report = json.loads((repo / "metrics/evaluate.json").read_text())
     assert report["bm25"]["mrr_at_10"] > 0.9
     if family == "bm25":
-        assert "baseline" not in report and "finetuned" not in report
+        assert "baseline" not in report and "finetuned" not in report and "hybrid" not in report
+        assert (repo / "data/reranked/first_stage.trec").read_text().split()[5] == "bm25-first_stage"
         assert json.loads((repo / "data/models/finetuned/training.json").read_text())["trained"] is False
     else:
         assert 0 <= report["finetuned"]["ndcg_at_10"] <= 1 and 0 <= report["baseline"]["ndcg_at_10"] <= 1
