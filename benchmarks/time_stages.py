@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-STAGE_ORDER = ["download", "split", "mine", "train", "index_baseline", "index_finetuned", "evaluate"]
+STAGE_ORDER = ["download", "queries", "split", "mine", "train", "index_baseline", "index_finetuned", "evaluate",
+               "train_reranker", "rerank"]
 
 
 def main() -> None:
