@@ -12,7 +12,8 @@ import click
 
 from .common import setup_logging
 
-STAGES = ("download", "queries", "split", "mine", "train", "index", "evaluate", "train_reranker", "rerank")
+STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "train", "index", "evaluate",
+          "rerank")
 
 
 class StageGroup(click.Group):

@@ -47,6 +47,7 @@ INDEX_DIRS = {"baseline": Path("data/indexes/baseline"), "finetuned": Path("data
 RUNS_DIR = Path("data/runs")
 RERANKER_MODEL = Path("data/models/reranker")
 RERANKED_DIR = Path("data/reranked")
+TEACHER_SCORES = Path("data/teacher_scores")
 METRICS_DIR = Path("metrics")
 
 

@@ -7,8 +7,8 @@ from retrieval.io import atomic_dir, write_json
 from retrieval.models import get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
-from .common import (CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, load_params, params_option, raw_dir,
-                     read_jsonl, section)
+from .common import (CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES, load_params,
+                     params_option, raw_dir, read_jsonl, section)
 
 TRAIN_CURVES = METRICS_DIR / "train"
 
@@ -16,7 +16,8 @@ TRAIN_CURVES = METRICS_DIR / "train"
 def training_data(corpus: dict, train_records: list[dict], val_records: list[dict]) -> TrainingData:
     """One example per (query, positive); validation corpus = val positives plus their BM25 candidates."""
     examples = [
-        {"query": r["query"], "positive": corpus[p["doc_id"]], "negatives": [corpus[n["doc_id"]] for n in r["negatives"]]}
+        {"query_id": r["query_id"], "query": r["query"], "positive_id": p["doc_id"], "positive": corpus[p["doc_id"]],
+         "negative_ids": [n["doc_id"] for n in r["negatives"]], "negatives": [corpus[n["doc_id"]] for n in r["negatives"]]}
         for r in train_records for p in r["positives"]
     ]
     val_doc_ids = {d for r in val_records for d in [p["doc_id"] for p in r["positives"]] + [n["doc_id"] for n in r["negatives"]]}
@@ -58,11 +59,19 @@ def command(params_path: str) -> None:
     train_params = section(params, "train")
     settings = TrainSettings(**{k: train_params[k] for k in TrainSettings.__dataclass_fields__ if k in train_params})
     settings.seed = int(train_params.get("seed", params.get("seed", settings.seed)))
+    if settings.distill:
+        if not getattr(family, "DISTILLABLE", False):
+            raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "
+                                       "training (the dense family has); set train.distill to false")
+        from retrieval.distillation import attach_teacher_scores
+
+        teacher = {r["query_id"]: r["scores"] for r in read_jsonl(TEACHER_SCORES / "train.jsonl")}
+        data.examples = attach_teacher_scores(data.examples, teacher)
     live = Live(dir=str(TRAIN_CURVES), save_dvc_exp=False, dvcyaml=False)
     summary = family.train(
         section(params, "models", family_name), data, FINETUNED_MODEL, settings,
         checkpoint_dir=CHECKPOINTS / family_name, callbacks=[DVCLiveCallback(live=live)],
     )
     live.end()
-    write_json({"trained": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}, METRICS_DIR / "train.json")
+    write_json({"trained": 1, "distilled": int(settings.distill), **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}, METRICS_DIR / "train.json")
     click.echo(f"train: {summary}")

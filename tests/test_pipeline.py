@@ -107,6 +107,15 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
     assert "metrics/evaluate.json" in diff or "metrics/train.json" in diff
 
+    # Distillation: the fine-tuned reranker scores the training triplets, train switches to Margin-MSE.
+    distilled = run(["dvc", "exp", "run", "-S", "train.distill=true"], repo, env)
+    assert "Running stage 'teacher_scores'" in distilled and "Running stage 'train'" in distilled
+    assert "Running stage 'train_reranker'" not in distilled
+    teacher = json.loads((repo / "data/teacher_scores/info.json").read_text())
+    assert teacher["scored"] is True and teacher["teacher"] == "data/models/reranker" and teacher["pairs"] > 0
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["distilled"] == 1 and train["steps"] >= 1
+
 
 @pytest.mark.parametrize("family", ["bm25", "splade", "dpr", "specter2"])
 def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
@@ -119,7 +128,8 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         "dpr": ["-S", f"models.dpr.base_model={tiny_bert}", "-S", "models.dpr.max_seq_length=64"],
         "specter2": ["-S", f"models.specter2.base_model={tiny_bert}", "-S", "models.specter2.max_seq_length=64"],
     }[family]
-    run(["dvc", "exp", "run", "-S", f"model={family}", *overrides], repo, env)
+    # train.distill back to false: an earlier test's experiment left it on in the workspace (dense only).
+    run(["dvc", "exp", "run", "-S", f"model={family}", "-S", "train.distill=false", *overrides], repo, env)
     report = json.loads((repo / "metrics/evaluate.json").read_text())
     assert report["bm25"]["mrr_at_10"] > 0.9
     if family == "bm25":

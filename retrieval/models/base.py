@@ -3,6 +3,7 @@
 A family is one module in ``retrieval.models`` exposing:
 
 - ``TRAINABLE``: whether the train stage fine-tunes it;
+- ``DISTILLABLE`` (optional, default False): whether ``train`` honours ``settings.distill`` (Margin-MSE);
 - ``train(config, data, out_dir, settings, *, checkpoint_dir, callbacks) -> dict`` (summary), saving a
   ``save_pretrained``-style folder into ``out_dir``;
 - ``build_index(model_ref, corpus, index_dir, config) -> dict`` (index stats), where ``model_ref`` is the base
@@ -29,13 +30,18 @@ class TrainSettings:
     warmup_ratio: float = 0.1
     negatives_per_query: int = 1
     seed: int = 42
+    # Margin-MSE on a cross-encoder's score margins instead of the family's contrastive loss (families with
+    # DISTILLABLE = True); the student's similarities are multiplied by distill_scale to meet the teacher's logit range.
+    distill: bool = False
+    distill_scale: float = 20.0
 
 
 @dataclass
 class TrainingData:
     """Training triplets from mined hard negatives plus a validation retrieval task."""
 
-    # {"query": str, "positive": {"title","text"}, "negatives": [{"title","text"}, ...]} per (query, positive)
+    # {"query": str, "positive": {"title","text"}, "negatives": [{"title","text"}, ...]} per (query, positive);
+    # with distillation also "teacher": [teacher score of the positive, of negatives[0], negatives[1], ...]
     examples: list[dict]
     val_queries: dict[str, str] = field(default_factory=dict)
     val_corpus: dict[str, dict] = field(default_factory=dict)

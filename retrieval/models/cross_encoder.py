@@ -37,9 +37,17 @@ def rerank(model: CrossEncoder, queries: dict[str, str], run: dict[str, dict[str
         raise KeyError(f"{len(missing)} run documents have no text, e.g. {missing[:5]}")
     # All pairs in one predict call: full batches across queries and a single progress bar.
     pairs = [(queries[qid], doc_texts[doc]) for qid, docs in candidates.items() for doc in docs]
-    scores = iter(model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress,
-                                activation_fn=torch.nn.Identity(), convert_to_numpy=True).tolist() if pairs else [])
+    scores = iter(score_pairs(model, pairs, batch_size=batch_size, show_progress=show_progress))
     return {qid: {doc: next(scores) for doc in docs} for qid, docs in candidates.items()}
+
+
+def score_pairs(model: CrossEncoder, pairs: list[tuple[str, str]], *, batch_size: int = 32,
+                show_progress: bool = True) -> list[float]:
+    """Raw logits of (query, document) pairs (see :func:`rerank` for why not the Sigmoid)."""
+    if not pairs:
+        return []
+    return model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress,
+                         activation_fn=torch.nn.Identity(), convert_to_numpy=True).tolist()
 
 
 class GroupSoftmaxLoss(MultipleNegativesRankingLoss):

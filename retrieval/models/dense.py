@@ -1,5 +1,5 @@
 """Dense bi-encoder (sentence-transformers), fine-tuned with MultipleNegativesRankingLoss over
-(query, positive, hard negatives), searched with faiss."""
+(query, positive, hard negatives), or distilled from a cross-encoder with Margin-MSE; searched with faiss."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import resolve_model
 from .base import TrainingData, TrainSettings
-from .st_training import fit, triplet_columns, validation_task
+from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns, validation_task
 
 TRAINABLE = True
+DISTILLABLE = True
 
 
 def load(model_ref: str, config: Mapping | None = None):
@@ -46,13 +47,23 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     evaluator = InformationRetrievalEvaluator(**validation_task(data), batch_size=int(config.get("encode_batch_size", 64)))
+    if settings.distill:
+        from sentence_transformers import util
+        from sentence_transformers.losses import MarginMSELoss
+
+        pairwise = util.pairwise_cos_sim if _normalizes(model) else util.pairwise_dot_score
+        loss = MarginMSELoss(model, similarity_fct=ScaledSimilarity(pairwise, settings.distill_scale))
+        columns = margin_columns(data, settings.negatives_per_query)
+    else:
+        loss, columns = MultipleNegativesRankingLoss(model), triplet_columns(data, settings.negatives_per_query)
     summary = fit(
-        model, MultipleNegativesRankingLoss(model), triplet_columns(data, settings.negatives_per_query), evaluator,
+        model, loss, columns, evaluator,
         # The evaluator names its main score after the model's similarity, e.g. "val_cosine_ndcg@10".
         f"val_{model.similarity_fn_name}_ndcg@10", settings, config=dict(config), out_dir=out_dir,
         checkpoint_dir=checkpoint_dir, callbacks=callbacks,
     )
-    return {"family": "dense", "base_model": config["base_model"], **summary}
+    return {"family": "dense", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
+            **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:

@@ -30,6 +30,31 @@ def triplet_columns(data: TrainingData, negatives_per_query: int, *, anchor: str
     return columns
 
 
+def margin_columns(data: TrainingData, negatives_per_query: int, *, anchor: str = "anchor") -> dict[str, list]:
+    """:func:`triplet_columns` plus ``label`` = the teacher's [positive score, negative scores...] per row, for
+    MarginMSELoss. Rows without enough scored negatives are dropped, as there."""
+    rows = [example for example in data.examples
+            if len(example["negatives"]) >= negatives_per_query and len(example.get("teacher") or ()) > negatives_per_query]
+    if len(rows) < len([e for e in data.examples if len(e["negatives"]) >= negatives_per_query]):
+        raise ValueError("some training examples have no teacher scores for their first "
+                         f"{negatives_per_query} negatives: rerun the teacher_scores stage")
+    columns = triplet_columns(TrainingData(examples=rows), negatives_per_query, anchor=anchor)
+    columns["label"] = [[float(s) for s in example["teacher"][: negatives_per_query + 1]] for example in rows]
+    return columns
+
+
+class ScaledSimilarity:
+    """``scale * similarity(a, b)`` row by row: cosine lies in [-1, 1] while cross-encoder logit margins span
+    about ten, so Margin-MSE compares the teacher's margins with scaled student margins (the same 20 that
+    MultipleNegativesRankingLoss multiplies cosine by)."""
+
+    def __init__(self, pairwise_similarity, scale: float) -> None:
+        self.pairwise_similarity, self.scale = pairwise_similarity, float(scale)
+
+    def __call__(self, a, b):
+        return self.scale * self.pairwise_similarity(a, b)
+
+
 def validation_task(data: TrainingData) -> dict:
     """Keyword arguments for an InformationRetrievalEvaluator over the validation queries."""
     return {

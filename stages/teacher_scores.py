@@ -1,0 +1,49 @@
+"""Stage `teacher_scores`: with `train.distill`, score the training queries' positives and hard negatives with the
+cross-encoder (the fine-tuned reranker when the reranking stages are enabled, else the base reranker) for the
+train stage's Margin-MSE."""
+
+import json
+
+import click
+
+from retrieval.dataset import load_beir
+from retrieval.io import atomic_dir, write_json, write_jsonl
+
+from .common import (NEGATIVES_DIR, RERANKER_MODEL, TEACHER_SCORES, load_params, params_option, raw_dir, read_jsonl,
+                     section)
+
+
+def teacher_model_ref(params: dict) -> str:
+    """The fine-tuned reranker if train_reranker trained one, else params `rerank.base_model`."""
+    from retrieval.hub import resolve_model
+
+    info = RERANKER_MODEL / "info.json"
+    trained = not (info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("reranked") is False)
+    return str(RERANKER_MODEL) if trained else str(resolve_model(str(section(params, "rerank", "base_model"))))
+
+
+@click.command("teacher_scores")
+@params_option
+def command(params_path: str) -> None:
+    """Write data/teacher_scores/train.jsonl: cross-encoder scores of each training query's positives and negatives."""
+    params = load_params(params_path)
+    train = section(params, "train")
+    if not train.get("distill"):
+        with atomic_dir(TEACHER_SCORES) as tmp:
+            write_json({"scored": False, "reason": "train.distill is false in params.yaml"}, tmp / "info.json")
+        return
+    from retrieval.distillation import score_records
+    from retrieval.models.cross_encoder import load_cross_encoder, score_pairs
+
+    rerank = section(params, "rerank")
+    teacher = teacher_model_ref(params)
+    model = load_cross_encoder(teacher, max_length=int(rerank["max_length"]))
+    corpus = load_beir(raw_dir(params)).corpus
+    records = read_jsonl(NEGATIVES_DIR / "train.jsonl")
+    click.echo(f"teacher_scores: scoring {len(records)} training queries with {teacher}")
+    scored = score_records(lambda pairs: score_pairs(model, pairs, batch_size=int(rerank["batch_size"])),
+                           records, corpus, int(train["negatives_per_query"]))
+    with atomic_dir(TEACHER_SCORES) as tmp:
+        write_jsonl(scored, tmp / "train.jsonl")
+        write_json({"scored": True, "teacher": teacher, "queries": len(scored),
+                    "pairs": sum(len(r["scores"]) for r in scored)}, tmp / "info.json")
