@@ -49,8 +49,9 @@ def main() -> None:
 
     batch = int(train["batch_size"])
     per_row = 1 + int(train["negatives_per_positive"])
-    rows = [{"query": q, "positives": [p], "negatives": [pairs[(i + 7) % len(pairs)][1],
-                                                         pairs[(i + 13) % len(pairs)][1]]}
+    # Rows of one positive and `negatives_per_positive` other documents, as train_reranker builds them.
+    rows = [{"query": q, "positives": [p],
+             "negatives": [pairs[(i + 7 + 6 * j) % len(pairs)][1] for j in range(per_row - 1)]}
             for i, (q, p) in enumerate(pairs[: args.steps * batch // per_row + 1])]
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()

@@ -41,7 +41,7 @@ def command(params_path: str) -> None:
     queries = {q: formatted[q] for q in qrels}
     # Reranking only sees the first stage's top-k: it is cut there too, so every delta is about reordering alone.
     first = {qid: docs for qid, docs in read_trec_run(run_path).items() if qid in qrels}
-    candidates = {doc for docs in first.values() for doc in docs}
+    candidates = {doc for docs in first.values() for doc in ranked(docs)[:top_k]}
     texts = {doc: doc_text(dataset.corpus[doc]) for doc in candidates}
 
     runs = {"first_stage": {qid: {doc: docs[doc] for doc in ranked(docs)[:top_k]} for qid, docs in first.items()}}

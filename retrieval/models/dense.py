@@ -12,7 +12,7 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import resolve_model
-from .base import TrainingData, TrainSettings
+from .base import TrainingData, TrainSettings, with_family_overrides
 from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns, validation_task
 
 TRAINABLE = True
@@ -44,6 +44,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from transformers import set_seed
 
+    settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     evaluator = InformationRetrievalEvaluator(**validation_task(data), batch_size=int(config.get("encode_batch_size", 64)))

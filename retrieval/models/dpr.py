@@ -32,7 +32,7 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import ModelNotAvailable, resolve_model
-from .base import TrainingData, TrainSettings
+from .base import TrainingData, TrainSettings, is_unset
 from .st_training import fit, triplet_columns, validation_task
 
 TRAINABLE = True
@@ -45,10 +45,6 @@ FAISS_SEARCH_KEYS = ("hnsw_ef_search", "ivf_nprobe")
 logger = logging.getLogger(__name__)
 
 
-def _is_unset(value) -> bool:
-    return value is None or str(value).strip() in {"", "None", "null"}
-
-
 def tower_refs(config: Mapping, model_ref: str | None = None) -> tuple[str, str]:
     """(question model, passage model) to initialise the towers from.
 
@@ -57,9 +53,9 @@ def tower_refs(config: Mapping, model_ref: str | None = None) -> tuple[str, str]
     else is one model for both towers.
     """
     base = config.get("base_model")
-    if not _is_unset(model_ref) and str(model_ref) not in {str(base), str(config.get("query_model"))}:
+    if not is_unset(model_ref) and str(model_ref) not in {str(base), str(config.get("query_model"))}:
         return str(model_ref), str(model_ref)
-    if not _is_unset(base):
+    if not is_unset(base):
         return str(base), str(base)
     return str(config.get("query_model") or DEFAULT_QUERY_MODEL), str(config.get("passage_model") or DEFAULT_PASSAGE_MODEL)
 

@@ -36,7 +36,8 @@ from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, sav
 from ..hub import hub_reachable, resolve_model
 from ..io import atomic_dir
 from ..metrics import evaluate
-from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict, with_family_learning_rate
+from .base import (TrainingData, TrainSettings, is_unset, prepare_checkpoint_dir, settings_dict,
+                   with_family_overrides)
 
 TRAINABLE = True
 DEFAULT_BASE_MODEL = "allenai/specter2_base"
@@ -56,10 +57,6 @@ FAISS_SEARCH_KEYS = ("hnsw_ef_search", "ivf_nprobe")
 logger = logging.getLogger(__name__)
 
 
-def _is_unset(value) -> bool:
-    return value is None or str(value).strip() in {"", "None", "null"}
-
-
 def _adapter_cached(adapter_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -70,7 +67,7 @@ def attach_adapter(model, role: str, source: str | None, fresh_config: str = "se
     """Add the ``role`` adapter to ``model``: loaded from ``source`` (hub id or folder) when possible, else freshly
     initialised (seeded) with a warning. Returns whether pretrained weights were loaded."""
     name = ADAPTER_NAMES[role]
-    if not _is_unset(source):
+    if not is_unset(source):
         local = Path(str(source)).expanduser()
         if local.is_dir() or hub_reachable() or _adapter_cached(str(source)):
             try:
@@ -200,7 +197,7 @@ class Specter2Encoder(nn.Module):
 
 
 def is_saved_model(model_ref) -> bool:
-    return not _is_unset(model_ref) and (Path(str(model_ref)) / META_FILE).is_file()
+    return not is_unset(model_ref) and (Path(str(model_ref)) / META_FILE).is_file()
 
 
 def load(model_ref: str | None, config: Mapping | None = None) -> Specter2Encoder:
@@ -226,7 +223,7 @@ def load(model_ref: str | None, config: Mapping | None = None) -> Specter2Encode
                                       "base_model", "adapter_sources", "pretrained_adapters")})
         return encoder.to(device) if device else encoder
 
-    base = str(model_ref) if not _is_unset(model_ref) else str(config.get("base_model") or DEFAULT_BASE_MODEL)
+    base = str(model_ref) if not is_unset(model_ref) else str(config.get("base_model") or DEFAULT_BASE_MODEL)
     path = resolve_model(base)
     model = AutoAdapterModel.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -237,7 +234,7 @@ def load(model_ref: str | None, config: Mapping | None = None) -> Specter2Encode
     encoder = Specter2Encoder(
         model, tokenizer, similarity=str(config.get("similarity") or "l2"),
         max_seq_length=config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH,
-        info={"base_model": base, "adapter_sources": {r: None if _is_unset(s) else str(s) for r, s in sources.items()},
+        info={"base_model": base, "adapter_sources": {r: None if is_unset(s) else str(s) for r, s in sources.items()},
               "pretrained_adapters": pretrained},
     )
     return encoder.to(device) if device else encoder
@@ -410,7 +407,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         output_dir=str(folder),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=with_family_learning_rate(settings, config).learning_rate,
+        learning_rate=with_family_overrides(settings, config).learning_rate,
         warmup_ratio=settings.warmup_ratio,
         seed=settings.seed,
         data_seed=settings.seed,

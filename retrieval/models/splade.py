@@ -14,8 +14,8 @@ from ..dataset import doc_text
 from ..hub import resolve_model
 from ..io import atomic_dir, write_jsonl
 from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
-from .base import TrainingData, TrainSettings, with_family_learning_rate
-from .st_training import fit, triplet_columns, validation_task
+from .base import TrainingData, TrainSettings, with_family_overrides
+from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns, validation_task
 
 try:  # sentence-transformers >= 5.4: a fill-mask Transformer replaces the deprecated MLMTransformer
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
@@ -91,19 +91,26 @@ def train_splade(model: SparseEncoder, train_rows: list[dict], out_dir, *, epoch
     return str(out_dir)
 
 
-def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float):
-    """SpladeLoss: in-batch + hard-negative ranking loss plus FLOPS regularisation of queries and documents. The
-    trainer adds SpladeRegularizerWeightSchedulerCallback, which warms the weights up from 0 over the first third
-    of the steps."""
-    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, distill_scale: float | None = None):
+    """SpladeLoss: a ranking loss plus FLOPS regularisation of queries and documents. The ranking loss is in-batch
+    + hard-negative MNRL, or with ``distill_scale`` Margin-MSE on a teacher's score margins (SPLADE++'s recipe).
+    The trainer adds SpladeRegularizerWeightSchedulerCallback, which warms the weights up from 0 over the first
+    third of the steps."""
+    from sentence_transformers import util
+    from sentence_transformers.sparse_encoder.losses import (SparseMarginMSELoss, SparseMultipleNegativesRankingLoss,
+                                                             SpladeLoss)
 
-    return SpladeLoss(model, loss=SparseMultipleNegativesRankingLoss(model),
-                      query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
+    if distill_scale is None:
+        ranking = SparseMultipleNegativesRankingLoss(model)
+    else:
+        ranking = SparseMarginMSELoss(model, similarity_fct=ScaledSimilarity(util.pairwise_dot_score, distill_scale))
+    return SpladeLoss(model, loss=ranking, query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
 
 
 # ---- the model family interface (see retrieval/models/base.py) ----
 
 TRAINABLE = True
+DISTILLABLE = True
 
 
 def load(model_ref: str, config: Mapping | None = None) -> SparseEncoder:
@@ -118,17 +125,19 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
     from transformers import set_seed
 
-    settings = with_family_learning_rate(settings, config)
+    settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
-    loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)))
-    columns = triplet_columns(data, settings.negatives_per_query, anchor="query")
+    loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)),
+                       distill_scale=settings.distill_scale if settings.distill else None)
+    columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
     summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
                   trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
-    return {"family": "splade", "base_model": config["base_model"], **summary}
+    return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
+            **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:
