@@ -71,12 +71,26 @@ def read_formatted_queries() -> dict[str, str]:
         return {r["_id"]: r["text"] for r in map(json.loads, filter(str.strip, lines))}
 
 
-def skip_reranking(out_dir: Path, metrics_path: Path) -> None:
-    """With ``rerank.enabled: false`` the reranking stages still write their outputs, saying that they did not
-    run, so the graph stays one graph and enabling them is one ``-S rerank.enabled=true``."""
+def write_skip_note(out_dir: Path, note: dict) -> None:
+    """A stage switched off by params still writes its declared output folder, holding only ``info.json`` with
+    ``note``, so the graph stays one graph and switching it on is one ``-S``."""
     from retrieval.io import atomic_dir, write_json
 
     with atomic_dir(out_dir) as tmp:
-        write_json({"reranked": False, "reason": "rerank.enabled is false in params.yaml"}, tmp / "info.json")
+        write_json(note, tmp / "info.json")
+
+
+def skip_reranking(out_dir: Path, metrics_path: Path) -> None:
+    """With ``rerank.enabled: false`` the reranking stages write their outputs saying that they did not run."""
+    from retrieval.io import write_json
+
+    write_skip_note(out_dir, {"reranked": False, "reason": "rerank.enabled is false in params.yaml"})
     write_json({"reranked": 0}, metrics_path)
-    click.echo("reranking is disabled (rerank.enabled: false): nothing to do")
+
+
+def reranking_skipped(out_dir: Path) -> bool:
+    """Whether ``out_dir`` is :func:`skip_reranking`'s note rather than a real output."""
+    import json
+
+    info = out_dir / "info.json"
+    return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("reranked") is False

@@ -2,24 +2,22 @@
 cross-encoder (the fine-tuned reranker when the reranking stages are enabled, else the base reranker) for the
 train stage's Margin-MSE."""
 
-import json
-
 import click
 
 from retrieval.dataset import load_beir
 from retrieval.io import atomic_dir, write_json, write_jsonl
 
 from .common import (NEGATIVES_DIR, RERANKER_MODEL, TEACHER_SCORES, load_params, params_option, raw_dir, read_jsonl,
-                     section)
+                     reranking_skipped, section, write_skip_note)
 
 
 def teacher_model_ref(params: dict) -> str:
     """The fine-tuned reranker if train_reranker trained one, else params `rerank.base_model`."""
     from retrieval.hub import resolve_model
 
-    info = RERANKER_MODEL / "info.json"
-    trained = not (info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("reranked") is False)
-    return str(RERANKER_MODEL) if trained else str(resolve_model(str(section(params, "rerank", "base_model"))))
+    if reranking_skipped(RERANKER_MODEL):
+        return str(resolve_model(str(section(params, "rerank", "base_model"))))
+    return str(RERANKER_MODEL)
 
 
 @click.command("teacher_scores")
@@ -29,8 +27,7 @@ def command(params_path: str) -> None:
     params = load_params(params_path)
     train = section(params, "train")
     if not train.get("distill"):
-        with atomic_dir(TEACHER_SCORES) as tmp:
-            write_json({"scored": False, "reason": "train.distill is false in params.yaml"}, tmp / "info.json")
+        write_skip_note(TEACHER_SCORES, {"scored": False, "reason": "train.distill is false in params.yaml"})
         return
     from retrieval.distillation import score_records
     from retrieval.models.cross_encoder import load_cross_encoder, score_pairs

@@ -62,7 +62,7 @@ def command(params_path: str) -> None:
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):
             raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "
-                                       "training (the dense family has); set train.distill to false")
+                                       "training (dense and splade have); set train.distill to false")
         from retrieval.distillation import attach_teacher_scores
 
         teacher = {r["query_id"]: r["scores"] for r in read_jsonl(TEACHER_SCORES / "train.jsonl")}

@@ -33,9 +33,8 @@ def triplet_columns(data: TrainingData, negatives_per_query: int, *, anchor: str
 def margin_columns(data: TrainingData, negatives_per_query: int, *, anchor: str = "anchor") -> dict[str, list]:
     """:func:`triplet_columns` plus ``label`` = the teacher's [positive score, negative scores...] per row, for
     MarginMSELoss. Rows without enough scored negatives are dropped, as there."""
-    rows = [example for example in data.examples
-            if len(example["negatives"]) >= negatives_per_query and len(example.get("teacher") or ()) > negatives_per_query]
-    if len(rows) < len([e for e in data.examples if len(e["negatives"]) >= negatives_per_query]):
+    rows = [example for example in data.examples if len(example["negatives"]) >= negatives_per_query]
+    if any(len(example.get("teacher") or ()) <= negatives_per_query for example in rows):
         raise ValueError("some training examples have no teacher scores for their first "
                          f"{negatives_per_query} negatives: rerun the teacher_scores stage")
     columns = triplet_columns(TrainingData(examples=rows), negatives_per_query, anchor=anchor)
