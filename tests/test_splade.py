@@ -144,3 +144,32 @@ def test_distillation_moves_the_margins_towards_the_teachers(tiny_bert_dir, tmp_
                            checkpoint_dir=tmp_path / "ckpt")
     assert summary["loss"] == "margin_mse"
     assert margin_error(str(tmp_path / "out")) < 0.5 * before
+
+
+def test_freeze_vocabulary_trains_only_the_shared_layers(tiny_bert_dir, tmp_path):
+    """models.splade.freeze_vocabulary: the tied embeddings/decoder and the decoder bias stay as they were."""
+    from retrieval.models import splade
+    from retrieval.models.base import TrainingData, TrainSettings
+
+    def doc(text):
+        return {"title": "", "text": text}
+
+    examples = [{"query": q, "positive": doc(DOCS[i]), "negatives": [doc(DOCS[(i + 1) % len(DOCS)])]}
+                for i, q in enumerate(QUERIES)]
+    data = TrainingData(examples, val_queries=dict(zip(DOC_IDS, QUERIES)),
+                        val_corpus={d: doc(t) for d, t in zip(DOC_IDS, DOCS)}, val_qrels={d: {d: 1} for d in DOC_IDS})
+    config = {"base_model": str(tiny_bert_dir), "max_seq_length": 64, "freeze_vocabulary": True, "learning_rate": 2e-3}
+    summary = splade.train(config, data, tmp_path / "out", TrainSettings(epochs=2, batch_size=8),
+                           checkpoint_dir=tmp_path / "ckpt")
+
+    before = load_splade(tiny_bert_dir)[0].auto_model.state_dict()
+    after = load_splade(tmp_path / "out")[0].auto_model.state_dict()
+    vocabulary = {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias"}
+    assert vocabulary <= set(after)
+    assert all(torch.equal(before[name], after[name]) for name in vocabulary)
+    changed = {name for name in after if name not in vocabulary and not torch.equal(before[name], after[name])}
+    assert "bert.encoder.layer.0.attention.self.query.weight" in changed
+    assert "cls.predictions.transform.dense.weight" in changed
+    all_parameters = sum(p.numel() for p in load_splade(tiny_bert_dir)[0].auto_model.parameters())  # tied: once
+    vocab_size, hidden = after["bert.embeddings.word_embeddings.weight"].shape
+    assert summary["trained_parameters"] == all_parameters - vocab_size * hidden - vocab_size

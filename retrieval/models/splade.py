@@ -91,6 +91,24 @@ def train_splade(model: SparseEncoder, train_rows: list[dict], out_dir, *, epoch
     return str(out_dir)
 
 
+def freeze_vocabulary(model: SparseEncoder) -> int:
+    """Stop training the vocabulary projection: the input embeddings (tied to the MLM decoder in BERT) and the
+    decoder's per-term bias. Returns the number of parameters still trained.
+
+    Why: Adam steps every parameter by about the learning rate whatever its gradient's size, so each of the ~30k
+    vocabulary rows and biases, nudged only by the few texts in a batch that activate it, moves as far as the shared
+    layers do; a small in-domain set then prunes the base model's expansion terms wholesale. Frozen, fine-tuning
+    can only re-weight terms through the transformer layers and the head's transform."""
+    masked_lm = model[0].auto_model
+    frozen = [masked_lm.get_input_embeddings().weight]
+    decoder = masked_lm.get_output_embeddings()
+    if decoder is not None:
+        frozen += [decoder.weight] + ([decoder.bias] if getattr(decoder, "bias", None) is not None else [])
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return sum(p.numel() for p in masked_lm.parameters() if p.requires_grad)
+
+
 def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, distill_scale: float | None = None):
     """SpladeLoss: a ranking loss plus FLOPS regularisation of queries and documents. The ranking loss is in-batch
     + hard-negative MNRL, or with ``distill_scale`` Margin-MSE on a teacher's score margins (SPLADE++'s recipe).
@@ -128,6 +146,8 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
+    trained_parameters = (freeze_vocabulary(model) if config.get("freeze_vocabulary")
+                          else sum(p.numel() for p in model.parameters()))
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
     loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)),
@@ -137,7 +157,7 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
                   trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
     return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
-            **summary}
+            "trained_parameters": trained_parameters, **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:
