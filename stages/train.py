@@ -29,6 +29,25 @@ def training_data(corpus: dict, train_records: list[dict], val_records: list[dic
     )
 
 
+def family_training_config(params: dict, family_name: str) -> dict:
+    """The family's model section (``models.<family>``) plus its training settings (``train.<family>``).
+
+    Training-only settings live under ``train`` so that the index and evaluate stages, which depend on
+    ``models.<family>``, are not rerun when only they change. A key set in both places is an error rather than a
+    silent choice between them."""
+    model_config = dict(section(params, "models", family_name) or {})
+    training = section(params, "train").get(family_name) or {}
+    if not isinstance(training, dict):
+        raise click.ClickException(f"params.yaml train.{family_name}: expected a mapping of training settings")
+    both = sorted(set(model_config) & set(training))
+    if both:
+        raise click.ClickException(
+            f"params.yaml: {', '.join(f'models.{family_name}.{key}' for key in both)} "
+            f"{'is a training setting' if len(both) == 1 else 'are training settings'}: set "
+            f"{', '.join(f'train.{family_name}.{key}' for key in both)} instead")
+    return {**model_config, **training}
+
+
 @click.command("train")
 @params_option
 def command(params_path: str) -> None:
@@ -69,7 +88,7 @@ def command(params_path: str) -> None:
         data.examples = attach_teacher_scores(data.examples, teacher)
     live = Live(dir=str(TRAIN_CURVES), save_dvc_exp=False, dvcyaml=False)
     summary = family.train(
-        section(params, "models", family_name), data, FINETUNED_MODEL, settings,
+        family_training_config(params, family_name), data, FINETUNED_MODEL, settings,
         checkpoint_dir=CHECKPOINTS / family_name, callbacks=[DVCLiveCallback(live=live)],
     )
     live.end()

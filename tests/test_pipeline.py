@@ -142,3 +142,14 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         assert json.loads((repo / "metrics/train.json").read_text())["steps"] >= 1
     if family == "splade":
         assert report["finetuned_index"]["avg_query_terms"] > 0 and report["finetuned_index"]["index_bytes"] > 0
+        # A training-only setting (train.<family>) reruns train and what follows, never the baseline index.
+        params_file = repo / "params.yaml"
+        saved = params_file.read_text()
+        params = yaml.safe_load(saved)
+        params["train"]["splade"]["learning_rate"] = 1e-4
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        try:
+            status = run(["dvc", "status"], repo, env)
+        finally:
+            params_file.write_text(saved)
+        assert "train:" in status and "index_baseline:" not in status, status

@@ -109,17 +109,18 @@ def freeze_vocabulary(model: SparseEncoder) -> int:
     return sum(p.numel() for p in masked_lm.parameters() if p.requires_grad)
 
 
-def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, distill_scale: float | None = None):
+def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, distill_scale: float | None = None,
+                mnrl_scale: float = 1.0):
     """SpladeLoss: a ranking loss plus FLOPS regularisation of queries and documents. The ranking loss is in-batch
-    + hard-negative MNRL, or with ``distill_scale`` Margin-MSE on a teacher's score margins (SPLADE++'s recipe).
-    The trainer adds SpladeRegularizerWeightSchedulerCallback, which warms the weights up from 0 over the first
-    third of the steps."""
+    + hard-negative MNRL over dot products times ``mnrl_scale`` (1 / temperature), or with ``distill_scale``
+    Margin-MSE on a teacher's score margins (SPLADE++'s recipe). The trainer adds
+    SpladeRegularizerWeightSchedulerCallback, which warms the weights up from 0 over the first third of the steps."""
     from sentence_transformers import util
     from sentence_transformers.sparse_encoder.losses import (SparseMarginMSELoss, SparseMultipleNegativesRankingLoss,
                                                              SpladeLoss)
 
     if distill_scale is None:
-        ranking = SparseMultipleNegativesRankingLoss(model)
+        ranking = SparseMultipleNegativesRankingLoss(model, scale=float(mnrl_scale))
     else:
         ranking = SparseMarginMSELoss(model, similarity_fct=ScaledSimilarity(util.pairwise_dot_score, distill_scale))
     return SpladeLoss(model, loss=ranking, query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
@@ -151,7 +152,8 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
     loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)),
-                       distill_scale=settings.distill_scale if settings.distill else None)
+                       distill_scale=settings.distill_scale if settings.distill else None,
+                       mnrl_scale=float(config.get("mnrl_scale") or 1.0))
     columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
     summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
