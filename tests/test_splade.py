@@ -146,30 +146,34 @@ def test_distillation_moves_the_margins_towards_the_teachers(tiny_bert_dir, tmp_
     assert margin_error(str(tmp_path / "out")) < 0.5 * before
 
 
-def test_freeze_vocabulary_trains_only_the_shared_layers(tiny_bert_dir, tmp_path):
-    """models.splade.freeze_vocabulary: the tied embeddings/decoder and the decoder bias stay as they were."""
+def test_auto_mnrl_scale_is_where_the_base_models_own_training_loss_is_lowest(tiny_bert_dir, tmp_path):
     from retrieval.models import splade
     from retrieval.models.base import TrainingData, TrainSettings
+    from retrieval.models.st_training import mnrl_loss
 
     def doc(text):
         return {"title": "", "text": text}
+
+    model = load_splade(tiny_bert_dir)
+    columns = {"query": QUERIES, "positive": DOCS, "negative_1": DOCS[1:] + DOCS[:1]}
+    scale = splade.resolve_mnrl_scale("auto", model, columns, batch_size=8)
+    batches = list(splade.mnrl_score_batches(model, columns, batch_size=8))
+    assert [b.shape for b in batches] == [(8, 16), (8, 16), (4, 8)]
+
+    def mean_loss(s):
+        return sum(mnrl_loss(b, s) for b in batches) / len(batches)
+
+    assert mean_loss(scale) < min(mean_loss(scale / 2), mean_loss(scale * 2))
+    assert splade.resolve_mnrl_scale(0.3, model, columns, 8) == 0.3
+    for bad in ("autoo", 0, -1, None):
+        with pytest.raises(ValueError, match="mnrl_scale: expected a positive number or 'auto'"):
+            splade.resolve_mnrl_scale(bad, model, columns, 8)
 
     examples = [{"query": q, "positive": doc(DOCS[i]), "negatives": [doc(DOCS[(i + 1) % len(DOCS)])]}
                 for i, q in enumerate(QUERIES)]
     data = TrainingData(examples, val_queries=dict(zip(DOC_IDS, QUERIES)),
                         val_corpus={d: doc(t) for d, t in zip(DOC_IDS, DOCS)}, val_qrels={d: {d: 1} for d in DOC_IDS})
-    config = {"base_model": str(tiny_bert_dir), "max_seq_length": 64, "freeze_vocabulary": True, "learning_rate": 2e-3}
-    summary = splade.train(config, data, tmp_path / "out", TrainSettings(epochs=2, batch_size=8),
+    config = {"base_model": str(tiny_bert_dir), "max_seq_length": 64, "mnrl_scale": "auto", "learning_rate": 2e-3}
+    summary = splade.train(config, data, tmp_path / "out", TrainSettings(epochs=1, batch_size=8),
                            checkpoint_dir=tmp_path / "ckpt")
-
-    before = load_splade(tiny_bert_dir)[0].auto_model.state_dict()
-    after = load_splade(tmp_path / "out")[0].auto_model.state_dict()
-    vocabulary = {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", "cls.predictions.bias"}
-    assert vocabulary <= set(after)
-    assert all(torch.equal(before[name], after[name]) for name in vocabulary)
-    changed = {name for name in after if name not in vocabulary and not torch.equal(before[name], after[name])}
-    assert "bert.encoder.layer.0.attention.self.query.weight" in changed
-    assert "cls.predictions.transform.dense.weight" in changed
-    all_parameters = sum(p.numel() for p in load_splade(tiny_bert_dir)[0].auto_model.parameters())  # tied: once
-    vocab_size, hidden = after["bert.embeddings.word_embeddings.weight"].shape
-    assert summary["trained_parameters"] == all_parameters - vocab_size * hidden - vocab_size
+    assert summary["mnrl_scale"] == pytest.approx(scale, rel=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -15,7 +16,10 @@ from ..hub import resolve_model
 from ..io import atomic_dir, write_jsonl
 from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
 from .base import TrainingData, TrainSettings, with_family_overrides
-from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns, validation_task
+from .st_training import (ScaledSimilarity, calibrated_mnrl_scale, fit, margin_columns, triplet_columns,
+                          validation_task)
+
+logger = logging.getLogger(__name__)
 
 try:  # sentence-transformers >= 5.4: a fill-mask Transformer replaces the deprecated MLMTransformer
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
@@ -91,24 +95,6 @@ def train_splade(model: SparseEncoder, train_rows: list[dict], out_dir, *, epoch
     return str(out_dir)
 
 
-def freeze_vocabulary(model: SparseEncoder) -> int:
-    """Stop training the vocabulary projection: the input embeddings (tied to the MLM decoder in BERT) and the
-    decoder's per-term bias. Returns the number of parameters still trained.
-
-    Why: Adam steps every parameter by about the learning rate whatever its gradient's size, so each of the ~30k
-    vocabulary rows and biases, nudged only by the few texts in a batch that activate it, moves as far as the shared
-    layers do; a small in-domain set then prunes the base model's expansion terms wholesale. Frozen, fine-tuning
-    can only re-weight terms through the transformer layers and the head's transform."""
-    masked_lm = model[0].auto_model
-    frozen = [masked_lm.get_input_embeddings().weight]
-    decoder = masked_lm.get_output_embeddings()
-    if decoder is not None:
-        frozen += [decoder.weight] + ([decoder.bias] if getattr(decoder, "bias", None) is not None else [])
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    return sum(p.numel() for p in masked_lm.parameters() if p.requires_grad)
-
-
 def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, distill_scale: float | None = None,
                 mnrl_scale: float = 1.0):
     """SpladeLoss: a ranking loss plus FLOPS regularisation of queries and documents. The ranking loss is in-batch
@@ -124,6 +110,46 @@ def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, 
     else:
         ranking = SparseMarginMSELoss(model, similarity_fct=ScaledSimilarity(util.pairwise_dot_score, distill_scale))
     return SpladeLoss(model, loss=ranking, query_regularizer_weight=query_reg, document_regularizer_weight=document_reg)
+
+
+def mnrl_score_batches(model: SparseEncoder, columns: Mapping[str, list[str]], batch_size: int, *,
+                       max_rows: int = 256, seed: int = 42, encode_batch_size: int = 32):
+    """Dot-product score matrices of training batches as MNRL sees them (queries against every positive and hard
+    negative of their batch), from up to ``max_rows`` rows drawn with ``seed``."""
+    import random
+
+    import torch
+
+    names = list(columns)  # query, positive, negative_1..n
+    rows = list(range(len(columns[names[0]])))
+    random.Random(seed).shuffle(rows)
+    rows = rows[:max_rows]
+
+    def encode(texts, is_query):
+        encode_fn = model.encode_query if is_query else model.encode_document
+        return encode_fn(texts, batch_size=encode_batch_size, convert_to_tensor=True, show_progress_bar=False).to_dense()
+
+    with torch.inference_mode():
+        queries = encode([columns[names[0]][i] for i in rows], True)
+        documents = [encode([columns[name][i] for i in rows], False) for name in names[1:]]
+    for start in range(0, len(rows), batch_size):
+        end = start + batch_size
+        candidates = torch.cat([docs[start:end] for docs in documents])
+        yield queries[start:end] @ candidates.T
+
+
+def resolve_mnrl_scale(value, model: SparseEncoder, columns: Mapping[str, list[str]], batch_size: int, *,
+                       seed: int = 42) -> float:
+    """``auto``: the scale at which the base model's own MNRL loss on training batches is lowest; else the number."""
+    if str(value).strip().lower() == "auto":
+        return calibrated_mnrl_scale(mnrl_score_batches(model, columns, batch_size, seed=seed))
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = 0.0
+    if not scale > 0:
+        raise ValueError(f"mnrl_scale: expected a positive number or 'auto', got {value!r}")
+    return scale
 
 
 # ---- the model family interface (see retrieval/models/base.py) ----
@@ -147,19 +173,23 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
-    trained_parameters = (freeze_vocabulary(model) if config.get("freeze_vocabulary")
-                          else sum(p.numel() for p in model.parameters()))
+    trained_parameters = sum(p.numel() for p in model.parameters())
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
+    columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
+    mnrl_scale = None
+    if not settings.distill:
+        mnrl_scale = resolve_mnrl_scale(config.get("mnrl_scale", 1.0), model, columns, settings.batch_size,
+                                        seed=settings.seed)
+        logger.info("SPLADE MNRL scale %.4g (params: %s)", mnrl_scale, config.get("mnrl_scale", 1.0))
     loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)),
                        distill_scale=settings.distill_scale if settings.distill else None,
-                       mnrl_scale=float(config.get("mnrl_scale") or 1.0))
-    columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
+                       mnrl_scale=mnrl_scale or 1.0)
     summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
                   trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
     return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
-            "trained_parameters": trained_parameters, **summary}
+            "trained_parameters": trained_parameters, **({"mnrl_scale": mnrl_scale} if mnrl_scale else {}), **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:

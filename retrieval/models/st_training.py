@@ -54,6 +54,48 @@ class ScaledSimilarity:
         return self.scale * self.pairwise_similarity(a, b)
 
 
+def mnrl_loss(scores, scale: float) -> float:
+    """MultipleNegativesRankingLoss of one batch: ``scores[i, j]`` is query i against candidate j, and candidate i
+    is query i's positive (the others are in-batch positives and hard negatives)."""
+    import torch
+
+    # float64: the loss is flat near its optimum, and float32 rounding would blur where the optimum lies.
+    return float(torch.nn.functional.cross_entropy(scale * scores.double(), torch.arange(scores.shape[0])))
+
+
+def calibrated_mnrl_scale(score_batches, *, low: float = 1e-3, high: float = 1e3, steps: int = 60) -> float:
+    """The scale (1 / temperature) at which the mean MNRL loss over ``score_batches`` is lowest.
+
+    Why: MNRL over raw dot products is only well posed at the scale the model's scores live on. Started far from
+    that optimum, the first thing training does is move every score towards it: a SPLADE shrinks (or inflates) all
+    its term weights, pruning (or adding) expansion terms wholesale instead of learning the domain. The loss is convex
+    in the scale, so a golden-section search over log(scale) finds the optimum. Batches the model already ranks
+    perfectly have none (the loss falls for ever): the search then stops where the loss is flat, at a large scale."""
+    import math
+
+    batches = list(score_batches)
+    if not batches:
+        raise ValueError("no score batches to calibrate the MNRL scale on")
+
+    def mean_loss(log_scale: float) -> float:
+        return sum(mnrl_loss(batch, math.exp(log_scale)) for batch in batches) / len(batches)
+
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = math.log(low), math.log(high)
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = mean_loss(c), mean_loss(d)
+    for _ in range(steps):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = mean_loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = mean_loss(d)
+    return math.exp((a + b) / 2)
+
+
 def validation_task(data: TrainingData) -> dict:
     """Keyword arguments for an InformationRetrievalEvaluator over the validation queries."""
     return {
