@@ -177,19 +177,22 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
     columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
-    mnrl_scale = None
-    if not settings.distill:
+    if settings.distill:
+        loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)),
+                           float(config.get("document_regularizer", 3e-5)), distill_scale=settings.distill_scale)
+        scale_summary = {}
+    else:
         mnrl_scale = resolve_mnrl_scale(config.get("mnrl_scale", 1.0), model, columns, settings.batch_size,
                                         seed=settings.seed)
         logger.info("SPLADE MNRL scale %.4g (params: %s)", mnrl_scale, config.get("mnrl_scale", 1.0))
-    loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)),
-                       distill_scale=settings.distill_scale if settings.distill else None,
-                       mnrl_scale=mnrl_scale or 1.0)
+        loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)),
+                           float(config.get("document_regularizer", 3e-5)), mnrl_scale=mnrl_scale)
+        scale_summary = {"mnrl_scale": mnrl_scale}
     summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
                   trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
     return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
-            "trained_parameters": trained_parameters, **({"mnrl_scale": mnrl_scale} if mnrl_scale else {}), **summary}
+            "trained_parameters": trained_parameters, **scale_summary, **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:
