@@ -4,13 +4,15 @@ import click
 
 from retrieval.dataset import load_beir
 from retrieval.io import atomic_dir, write_json
-from retrieval.models import get_family
+from retrieval.models import FAMILIES, get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
 from .common import (CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES, load_params,
                      params_option, raw_dir, read_jsonl, section)
 
 TRAIN_CURVES = METRICS_DIR / "train"
+# Settings under `train` shared by every family (dvc.yaml's train stage lists each); the seed is the top-level one.
+SHARED_SETTINGS = tuple(name for name in TrainSettings.__dataclass_fields__ if name != "seed")
 
 
 def training_data(corpus: dict, train_records: list[dict], val_records: list[dict]) -> TrainingData:
@@ -27,6 +29,22 @@ def training_data(corpus: dict, train_records: list[dict], val_records: list[dic
         val_corpus={d: corpus[d] for d in sorted(val_doc_ids)},
         val_qrels={r["query_id"]: {p["doc_id"]: p["grade"] for p in r["positives"]} for r in val_records},
     )
+
+
+def shared_training_settings(params: dict) -> TrainSettings:
+    """The shared settings under ``train``; any other key must be a family's section.
+
+    An unknown key is an error, not ignored: a typo such as ``train.epoch`` would otherwise train with the default
+    and, being outside the params dvc.yaml tracks, would not even rerun the stage."""
+    train_params = section(params, "train")
+    unknown = sorted(key for key in train_params if key not in SHARED_SETTINGS and key not in FAMILIES)
+    if unknown:
+        raise click.ClickException(
+            f"params.yaml: unknown {', '.join(f'train.{key}' for key in unknown)}: the shared training settings are "
+            f"{', '.join(SHARED_SETTINGS)}; train.<family> ({', '.join(sorted(FAMILIES))}) holds one family's own")
+    settings = TrainSettings(**{key: train_params[key] for key in SHARED_SETTINGS if key in train_params})
+    settings.seed = int(params.get("seed", settings.seed))
+    return settings
 
 
 def family_training_config(params: dict, family_name: str) -> dict:
@@ -55,6 +73,7 @@ def command(params_path: str) -> None:
     params = load_params(params_path)
     family_name = str(section(params, "model"))
     family = get_family(family_name)
+    settings = shared_training_settings(params)  # checked for every family, so a typo fails even under bm25
     from dvclive import Live
 
     if not family.TRAINABLE:
@@ -75,9 +94,6 @@ def command(params_path: str) -> None:
 
     dataset = load_beir(raw_dir(params))
     data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"))
-    train_params = section(params, "train")
-    settings = TrainSettings(**{k: train_params[k] for k in TrainSettings.__dataclass_fields__ if k in train_params})
-    settings.seed = int(train_params.get("seed", params.get("seed", settings.seed)))
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):
             raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "

@@ -143,13 +143,20 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
     if family == "splade":
         assert report["finetuned_index"]["avg_query_terms"] > 0 and report["finetuned_index"]["index_bytes"] > 0
         # A training-only setting (train.<family>) reruns train and what follows, never the baseline index.
+        # Another family's training section reruns nothing.
         params_file = repo / "params.yaml"
         saved = params_file.read_text()
-        params = yaml.safe_load(saved)
-        params["train"]["splade"]["learning_rate"] = 1e-4
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        try:
-            status = run(["dvc", "status"], repo, env)
-        finally:
-            params_file.write_text(saved)
+
+        def status_after(edit) -> str:
+            params = yaml.safe_load(saved)
+            edit(params["train"])
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            try:
+                return run(["dvc", "status"], repo, env)
+            finally:
+                params_file.write_text(saved)
+
+        status = status_after(lambda train: train["splade"].update(learning_rate=1e-4))
         assert "train:" in status and "index_baseline:" not in status, status
+        status = status_after(lambda train: train["specter2"].update(margin=0.5))
+        assert "train:" not in status and "index_baseline:" not in status, status
