@@ -1,5 +1,7 @@
 """Stage `train`: fine-tune the model family chosen by params `model` on the mined triplets."""
 
+import shutil
+
 import click
 
 from retrieval.dataset import load_beir
@@ -108,5 +110,8 @@ def command(params_path: str) -> None:
         checkpoint_dir=CHECKPOINTS / family_name, callbacks=[DVCLiveCallback(live=live)],
     )
     live.end()
+    # The model is saved (and DVC caches it): nothing is left to resume, and a finished run's last checkpoint would
+    # otherwise make a rerun "resume" with no steps to run and no curves to log.
+    shutil.rmtree(CHECKPOINTS / family_name, ignore_errors=True)
     write_json({"trained": 1, "distilled": int(settings.distill), **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}, METRICS_DIR / "train.json")
     click.echo(f"train: {summary}")

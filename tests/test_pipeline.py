@@ -90,7 +90,8 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     assert json.loads((repo / "metrics/train_reranker.json").read_text())["steps"] >= 1
 
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["trained"] == 1 and train["steps"] >= 1
+    assert train["trained"] == 1 and train["steps"] >= 1 and train["train_loss"] > 0
+    assert not (repo / "data/checkpoints/dense").exists()  # the model is saved: nothing left to resume
     assert (repo / "metrics/train/plots/metrics").is_dir()
 
     # Nothing changed: a second repro runs no stage.

@@ -62,6 +62,16 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> tup
     return folder, resumable
 
 
+def whole_run_training_loss(training_loss: float, log_history: list[dict], resumed: bool) -> float | None:
+    """The mean training loss of the whole run. After a resume, the Trainer's ``training_loss`` sums only the steps
+    run since but divides by all steps (0 when the checkpoint was the last step); the log history, restored with
+    the checkpoint, covers the whole run, so a resumed run reports the mean of its logged losses (None if none)."""
+    if not resumed:
+        return float(training_loss)
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return float(sum(losses) / len(losses)) if losses else None
+
+
 def is_unset(value) -> bool:
     """A param left empty: YAML null, or the string forms that ``dvc exp run -S key=null`` may leave."""
     return value is None or str(value).strip() in {"", "None", "null"}

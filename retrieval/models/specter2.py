@@ -37,7 +37,7 @@ from ..hub import hub_reachable, resolve_model
 from ..io import atomic_dir
 from ..metrics import evaluate
 from .base import (TrainingData, TrainSettings, is_unset, prepare_checkpoint_dir, settings_dict,
-                   with_family_overrides)
+                   whole_run_training_loss, with_family_overrides)
 
 TRAINABLE = True
 DEFAULT_BASE_MODEL = "allenai/specter2_base"
@@ -440,7 +440,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         "trainable_parameters": int(trainable),
         "train_examples": len(rows),
         "steps": int(result.global_step),
-        "train_loss": float(result.training_loss),
+        "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
         "val_ndcg_at_10_before": float(before) if before is not None else None,
         "val_ndcg_at_10_best": float(trainer.state.best_metric) if has_val else None,
         "resumed": resumable,

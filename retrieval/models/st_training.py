@@ -7,7 +7,7 @@ import os
 
 from ..dataset import doc_text
 from ..io import atomic_dir
-from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict
+from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict, whole_run_training_loss
 
 
 def triplet_columns(data: TrainingData, negatives_per_query: int, *, anchor: str = "anchor",
@@ -152,7 +152,7 @@ def fit(model, loss, train_columns: dict[str, list[str]], evaluator, best_metric
     return {
         "train_examples": len(train_dataset),
         "steps": int(result.global_step),
-        "train_loss": float(result.training_loss),
+        "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
         "val_ndcg_at_10_best": float(trainer.state.best_metric),
         "resumed": resumable,
     }
