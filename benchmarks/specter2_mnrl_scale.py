@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stages/ without 
 
 from retrieval.dataset import load_beir  # noqa: E402
 from retrieval.models import specter2  # noqa: E402
-from retrieval.models.st_training import calibrated_mnrl_scale, mnrl_loss  # noqa: E402
+from retrieval.models.st_training import calibrated_mnrl_scale, mnrl_loss, mnrl_score_batches  # noqa: E402
 from stages.common import NEGATIVES_DIR, raw_dir, read_jsonl  # noqa: E402
 from stages.train import training_data  # noqa: E402
 
@@ -43,21 +42,17 @@ def main() -> None:
     config = dict(params["models"]["specter2"])
     base_model = args.base_model or config["base_model"]
     dataset = load_beir(raw_dir(params))
-    rows = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), []).examples
-    rows = [row for row in rows if row["negatives"]]
-    random.Random(args.seed).shuffle(rows)
-    rows = rows[: args.rows]
+    examples = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), []).examples
+    examples = [example for example in examples if example["negatives"]]
+    columns = {"query": [e["query"] for e in examples], "positive": [e["positive"] for e in examples],
+               "negative_1": [e["negatives"][0] for e in examples]}
     for similarity in ("l2", "cosine"):
         torch.manual_seed(args.seed)  # the same fresh adapters for both similarities
         encoder = specter2.load(base_model, {**config, "similarity": similarity})
-        queries = torch.tensor(encoder.encode_queries([row["query"] for row in rows]))
-        positives = torch.tensor(encoder.encode_documents([row["positive"] for row in rows]))
-        negatives = torch.tensor(encoder.encode_documents([row["negatives"][0] for row in rows]))
-        batches = []
-        for start in range(0, len(rows), args.batch_size):
-            end = min(start + args.batch_size, len(rows))
-            candidates = torch.cat([positives[start:end], negatives[start:end]])
-            batches.append(encoder.scores(queries[start:end], candidates))
+        batches = list(mnrl_score_batches(
+            lambda queries: torch.tensor(encoder.encode_queries(queries)),
+            lambda docs: torch.tensor(encoder.encode_documents(docs)),
+            encoder.scores, columns, args.batch_size, max_rows=args.rows, seed=args.seed))
         to_positive = torch.cat([batch.diagonal() for batch in batches])
         to_negative = torch.cat([batch[:, batch.shape[0]:].diagonal() for batch in batches])
         in_batch = torch.cat([batch[:, : batch.shape[0]][~torch.eye(batch.shape[0], dtype=torch.bool)]
@@ -66,7 +61,7 @@ def main() -> None:
         losses = {f"{scale:g}": round(sum(mnrl_loss(b, scale) for b in batches) / len(batches), 3)
                   for scale in (1.0, 5.0, 20.0, best)}
         print(json.dumps({
-            "similarity": similarity, "base_model": base_model, "rows": len(rows),
+            "similarity": similarity, "base_model": base_model, "rows": sum(batch.shape[0] for batch in batches),
             "positive": [round(float(to_positive.mean()), 3), round(float(to_positive.std()), 3)],
             "first_negative": round(float(to_negative.mean()), 3), "in_batch": round(float(in_batch.mean()), 3),
             "best_scale": round(best, 3), "loss_at_scale": losses,

@@ -18,6 +18,7 @@ from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_ind
 from .base import TrainingData, TrainSettings, with_family_overrides
 from .st_training import (ScaledSimilarity, calibrated_mnrl_scale, fit, margin_columns, triplet_columns,
                           validation_task)
+from .st_training import mnrl_score_batches as st_mnrl_score_batches
 
 logger = logging.getLogger(__name__)
 
@@ -114,28 +115,19 @@ def splade_loss(model: SparseEncoder, query_reg: float, document_reg: float, *, 
 
 def mnrl_score_batches(model: SparseEncoder, columns: Mapping[str, list[str]], batch_size: int, *,
                        max_rows: int = 256, seed: int = 42, encode_batch_size: int = 32):
-    """Dot-product score matrices of training batches as MNRL sees them (queries against every positive and hard
-    negative of their batch), from up to ``max_rows`` rows drawn with ``seed``."""
-    import random
-
+    """Dot-product score matrices of training batches as MNRL sees them (``st_training.mnrl_score_batches``)."""
     import torch
 
-    names = list(columns)  # query, positive, negative_1..n
-    rows = list(range(len(columns[names[0]])))
-    random.Random(seed).shuffle(rows)
-    rows = rows[:max_rows]
+    def encoder(encode_fn):
+        def encode(texts):
+            with torch.inference_mode():
+                return encode_fn(texts, batch_size=encode_batch_size, convert_to_tensor=True,
+                                 show_progress_bar=False).to_dense()
+        return encode
 
-    def encode(texts, is_query):
-        encode_fn = model.encode_query if is_query else model.encode_document
-        return encode_fn(texts, batch_size=encode_batch_size, convert_to_tensor=True, show_progress_bar=False).to_dense()
-
-    with torch.inference_mode():
-        queries = encode([columns[names[0]][i] for i in rows], True)
-        documents = [encode([columns[name][i] for i in rows], False) for name in names[1:]]
-    for start in range(0, len(rows), batch_size):
-        end = start + batch_size
-        candidates = torch.cat([docs[start:end] for docs in documents])
-        yield queries[start:end] @ candidates.T
+    return st_mnrl_score_batches(encoder(model.encode_query), encoder(model.encode_document),
+                                 lambda queries, candidates: queries @ candidates.T, dict(columns), batch_size,
+                                 max_rows=max_rows, seed=seed)
 
 
 def resolve_mnrl_scale(value, model: SparseEncoder, columns: Mapping[str, list[str]], batch_size: int, *,
@@ -177,16 +169,15 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
     evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
                                                     batch_size=int(config.get("encode_batch_size", 32)))
     columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
+    regularizers = (float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)))
     if settings.distill:
-        loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)),
-                           float(config.get("document_regularizer", 3e-5)), distill_scale=settings.distill_scale)
+        loss = splade_loss(model, *regularizers, distill_scale=settings.distill_scale)
         scale_summary = {}
     else:
         mnrl_scale = resolve_mnrl_scale(config.get("mnrl_scale", 1.0), model, columns, settings.batch_size,
                                         seed=settings.seed)
         logger.info("SPLADE MNRL scale %.4g (params: %s)", mnrl_scale, config.get("mnrl_scale", 1.0))
-        loss = splade_loss(model, float(config.get("query_regularizer", 5e-5)),
-                           float(config.get("document_regularizer", 3e-5)), mnrl_scale=mnrl_scale)
+        loss = splade_loss(model, *regularizers, mnrl_scale=mnrl_scale)
         scale_summary = {"mnrl_scale": mnrl_scale}
     summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
                   config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,

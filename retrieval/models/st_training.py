@@ -63,6 +63,27 @@ def mnrl_loss(scores, scale: float) -> float:
     return float(torch.nn.functional.cross_entropy(scale * scores.double(), torch.arange(scores.shape[0])))
 
 
+def mnrl_score_batches(encode_queries, encode_documents, score, columns: dict[str, list], batch_size: int, *,
+                       max_rows: int = 256, seed: int = 42):
+    """Score matrices of training batches as MNRL sees them: each batch's queries against every positive and hard
+    negative of the batch, positives first, from up to ``max_rows`` rows drawn with ``seed``. ``columns`` is query,
+    positive, negative_1..n (as ``triplet_columns``); ``encode_queries`` / ``encode_documents`` map a list of one
+    column's items to a [rows, dim] tensor and ``score(queries, candidates)`` gives the model's similarity matrix."""
+    import random
+
+    import torch
+
+    names = list(columns)
+    rows = list(range(len(columns[names[0]])))
+    random.Random(seed).shuffle(rows)
+    rows = rows[:max_rows]
+    queries = encode_queries([columns[names[0]][i] for i in rows])
+    documents = [encode_documents([columns[name][i] for i in rows]) for name in names[1:]]
+    for start in range(0, len(rows), batch_size):
+        end = start + batch_size
+        yield score(queries[start:end], torch.cat([docs[start:end] for docs in documents]))
+
+
 def calibrated_mnrl_scale(score_batches, *, low: float = 1e-3, high: float = 1e3, steps: int = 60) -> float:
     """The scale (1 / temperature) at which the mean MNRL loss over ``score_batches`` is lowest.
 
