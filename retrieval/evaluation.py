@@ -1,27 +1,75 @@
-"""Evaluation report of several systems on the same queries: per-system means, deltas and paired p-values."""
+"""Evaluation report of several systems on the same queries: per-system means, deltas, confidence intervals and
+paired significance tests corrected for multiple comparisons."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
 from .metrics import DEFAULT_METRICS, Qrels, Run, per_query
-from .significance import paired_t_test
+from .significance import bootstrap_ci, holm_adjust, paired_randomization_test, paired_t_test
 
 
 def compare_systems(qrels: Qrels, runs: Mapping[str, Run], *, metrics: list[str] = DEFAULT_METRICS,
-                    comparisons: list[tuple[str, str]] = ()) -> dict:
-    """Report laid out for ``dvc metrics diff``: ``{system: {metric: mean}}``, and for each (a, b) comparison
-    ``{a}_minus_{b}: {metric: delta}`` and ``{a}_vs_{b}_p_value: {metric: p}`` (two-sided paired t-test)."""
+                    comparisons: list[tuple[str, str]] = (), samples: int = 10000, seed: int = 0,
+                    ci_level: float = 0.95) -> dict:
+    """Report laid out for ``dvc metrics diff`` (no dots in keys, numbers as values):
+
+    - ``num_queries``: the judged queries every system is scored on;
+    - ``{system}: {metric: mean}`` for every run;
+    - for each (a, b) in ``comparisons``, each a ``{metric: number}`` dict:
+      ``{a}_minus_{b}``: mean(a) - mean(b);
+      ``{a}_minus_{b}_ci_low`` / ``{a}_minus_{b}_ci_high``: percentile bootstrap interval (``ci_level``) of that
+      difference, resampling queries;
+      ``{a}_vs_{b}_p_value``: the headline p, the two-sided paired randomisation test's p Holm-adjusted over
+      every (comparison, metric) pair of this report, so "p <= 0.05" bounds the chance of any false claim in it;
+      ``{a}_vs_{b}_p_unadjusted``: that randomisation p before the correction;
+      ``{a}_vs_{b}_t_test_p``: the paired t-test's p (unadjusted), a secondary figure;
+    - ``significance``, only when there are comparisons: ``{"test": "paired_randomization",
+      "correction": "holm", "comparisons": number of (comparison, metric) tests corrected together,
+      "system_pairs": len(comparisons), "samples": samples, "ci_level": ci_level}``.
+
+    Seeded (``seed``; ``samples`` random draws per test and per interval): the same inputs give the same report.
+    """
     if not qrels:
         raise ValueError("no queries with relevance judgements to evaluate")
+    _check_comparisons(runs, comparisons)
     scores = {name: {m: per_query(qrels, run, m) for m in metrics} for name, run in runs.items()}
     report: dict = {"num_queries": len(qrels)}
     for name in runs:
         report[name] = {m: sum(s.values()) / len(s) for m, s in scores[name].items()}
+    if not comparisons:
+        return report
+    raw_p = {(a, b, m): paired_randomization_test(scores[a][m], scores[b][m], samples=samples, seed=seed)
+             for a, b in comparisons for m in metrics}
+    adjusted_p = holm_adjust(raw_p)
     for a, b in comparisons:
+        intervals = {m: bootstrap_ci(scores[a][m], scores[b][m], level=ci_level, samples=samples, seed=seed)
+                     for m in metrics}
         report[f"{a}_minus_{b}"] = {m: report[a][m] - report[b][m] for m in metrics}
-        report[f"{a}_vs_{b}_p_value"] = {m: paired_t_test(scores[a][m], scores[b][m]) for m in metrics}
+        report[f"{a}_minus_{b}_ci_low"] = {m: intervals[m][0] for m in metrics}
+        report[f"{a}_minus_{b}_ci_high"] = {m: intervals[m][1] for m in metrics}
+        report[f"{a}_vs_{b}_p_value"] = {m: adjusted_p[a, b, m] for m in metrics}
+        report[f"{a}_vs_{b}_p_unadjusted"] = {m: raw_p[a, b, m] for m in metrics}
+        report[f"{a}_vs_{b}_t_test_p"] = {m: paired_t_test(scores[a][m], scores[b][m]) for m in metrics}
+    report["significance"] = {"test": "paired_randomization", "correction": "holm", "comparisons": len(raw_p),
+                              "system_pairs": len(comparisons), "samples": samples, "ci_level": ci_level}
     return report
+
+
+def _check_comparisons(runs: Mapping[str, Run], comparisons) -> None:
+    seen = set()
+    for pair in comparisons:
+        if len(pair) != 2:
+            raise ValueError(f"comparison {pair!r} must be a pair of system names (a, b)")
+        for name in pair:
+            if name not in runs:
+                raise ValueError(f"comparison {pair!r} names system {name!r}, which has no run")
+        if tuple(pair) in seen:
+            raise ValueError(f"comparison {pair!r} is listed twice")
+        seen.add(tuple(pair))
+    for name in runs:
+        if "." in name:
+            raise ValueError(f"system name {name!r} contains a dot, which dvc metrics would read as nesting")
 
 
 def turn_bucket(turn) -> str:

@@ -7,7 +7,6 @@ saying how to give a local folder.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
+
+from .identity import Resolution, hub_snapshot_resolution, local_resolution, record
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +81,9 @@ def _converted_dir(model_id: str, weights: PackagedWeights, folder: Path) -> Pat
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from .identity import file_sha256
+
+    return file_sha256(path)
 
 
 @cache
@@ -130,17 +129,41 @@ def packaged_model_dir(model_id: str) -> Path:
     return _converted_dir(model_id, weights, folder) if weights.convert else folder
 
 
+def _package_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def resolve_model(name_or_path: str) -> str:
-    """Return what to pass to ``from_pretrained``/``SentenceTransformer``: a local folder or a hub id."""
+    """Return what to pass to ``from_pretrained``/``SentenceTransformer``: a local folder or a hub id.
+
+    What it resolved to is reported to any open ``retrieval.identity.recording_resolutions`` block."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
+        record(local_resolution(name_or_path, local))
         return str(local)
-    if hub_reachable() or _in_hub_cache(name_or_path):
+    if hub_reachable():
+        # Hashed once the model has loaded (the download happens then), from the hub cache it landed in.
+        record(Resolution(ref=name_or_path, source="hub",
+                          pending=lambda: hub_snapshot_resolution(name_or_path, "hub")))
         return name_or_path
+    if _in_hub_cache(name_or_path):
+        # The cached snapshot folder itself: it is what the identity describes, and loading it never waits on the
+        # network (libraries that read offline mode at import time would retry the hub for each file).
+        resolution = hub_snapshot_resolution(name_or_path, "hub-cache")
+        record(resolution)
+        return resolution.path or name_or_path
     if name_or_path in PACKAGED_MODELS:
+        weights = PACKAGED_MODELS[name_or_path]
         folder = packaged_model_dir(name_or_path)
-        if PACKAGED_MODELS[name_or_path].stand_in:
-            logger.warning("%s: hub unreachable, using %s (%s)", name_or_path, folder, PACKAGED_MODELS[name_or_path].stand_in)
+        if weights.stand_in:
+            logger.warning("%s: hub unreachable, using %s (%s)", name_or_path, folder, weights.stand_in)
+        record(Resolution(ref=name_or_path, source="packaged", sha256=weights.sha256, path=str(folder),
+                          package=f"{weights.package}=={_package_version(weights.package)}", stand_in=weights.stand_in))
         return str(folder)
     known = ", ".join(sorted(PACKAGED_MODELS))
     raise ModelNotAvailable(

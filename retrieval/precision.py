@@ -6,11 +6,18 @@ at ~30 s per batch of 64 in bf16 against under 2 s on a bf16-capable machine), h
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+# The precision in force (resolved), so that indexes can record what they were encoded in.
+_current: ContextVar[str] = ContextVar("inference_precision", default="fp32")
+
+
+def current_precision() -> str:
+    return _current.get()
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
@@ -40,12 +47,13 @@ def resolve_precision(precision: str = "auto") -> str:
 @contextmanager
 def inference_precision(precision: str = "fp32"):
     precision = resolve_precision(precision)
-    if precision == "fp32":
-        with nullcontext():
-            yield
-        return
-    import torch
+    token = _current.set(precision)
+    try:
+        import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        yield
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # fp32 switches autocast off explicitly, so an index's fp32 query encoding stays fp32 inside a bf16 block.
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        _current.reset(token)

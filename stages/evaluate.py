@@ -13,11 +13,27 @@ from retrieval.fusion import fuse_systems
 from retrieval.io import atomic_dir, write_json
 from retrieval.metrics import DEFAULT_METRICS
 from retrieval.models import get_family
-from retrieval.precision import inference_precision
+from retrieval.identity import summary as identity_summary
 from retrieval.runs import write_trec_run
 
-from .common import (BM25_INDEX, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params, params_option, raw_dir,
-                     read_formatted_queries, section)
+from .common import (BM25_INDEX, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params,
+                     params_option, raw_dir, read_formatted_queries, section)
+
+
+def model_sources() -> dict:
+    """What each system's encoder resolved to (hub, hub cache, packaged stand-in, local folder), the precision its
+    index was encoded in, and for the fine-tuned model what its base resolved to, so that `dvc exp show` shows a
+    stand-in for what it is."""
+    sources = {}
+    for system, index_dir in INDEX_DIRS.items():
+        info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
+        sources[system] = identity_summary(info.get("encoder_identity"))
+    lineage = FINETUNED_MODEL / "lineage.json"
+    if lineage.is_file():
+        record = json.loads(lineage.read_text(encoding="utf-8"))
+        sources["finetuned"]["base"] = identity_summary(record.get("base"))
+        sources["finetuned"]["kept"] = str(record.get("kept"))
+    return sources
 
 
 @click.command("evaluate")
@@ -41,9 +57,10 @@ def command(params_path: str) -> None:
     comparisons = []
     if family.TRAINABLE:
         config = section(params, "models", family_name)
-        with inference_precision(str(section(params, "encode", "precision"))):  # as the index stage encoded
-            for system, index_dir in INDEX_DIRS.items():
-                runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
+        # search checks that the encoder resolves to the weights each index was built with, and encodes the
+        # queries in the precision the index records
+        for system, index_dir in INDEX_DIRS.items():
+            runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
         comparisons = [("finetuned", "baseline")]
     try:
         hybrids = fuse_systems(runs, evaluate.get("fusion") or [])
@@ -54,6 +71,8 @@ def command(params_path: str) -> None:
         comparisons += [(name, "finetuned") for name in hybrids]
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=comparisons)
+    if family.TRAINABLE:
+        report["models"] = model_sources()
     if family.TRAINABLE and hasattr(family, "query_stats"):  # e.g. SPLADE: active dimensions and index size
         for system, index_dir in INDEX_DIRS.items():
             info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))

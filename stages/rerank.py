@@ -1,6 +1,8 @@
 """Stage `rerank`: rescore the top-k of a first-stage run (from evaluate) with the base and the fine-tuned
 cross-encoder; write the reranked TREC runs and metrics/rerank.json in evaluate's layout."""
 
+import json
+
 import click
 
 from retrieval.dataset import doc_text, load_beir, read_qrels
@@ -18,6 +20,7 @@ from .common import (METRICS_DIR, RERANKED_DIR, RERANKER_MODEL, RUNS_DIR, SPLIT_
 def command(params_path: str) -> None:
     """Rerank params `rerank.first_stage` (a run of the evaluate stage) with the baseline and fine-tuned rerankers."""
     from retrieval.hub import resolve_model
+    from retrieval.identity import loaded_with_identity, summary as identity_summary
     from retrieval.models.cross_encoder import load_cross_encoder, rerank
 
     params = load_params(params_path)
@@ -47,16 +50,24 @@ def command(params_path: str) -> None:
     runs = {"first_stage": {qid: {doc: docs[doc] for doc in ranked(docs)[:top_k]} for qid, docs in first.items()}}
     max_length, batch_size = int(settings["max_length"]), int(settings["batch_size"])
     # Full precision: bf16 logits (8 bits of mantissa) would turn close scores into ties.
-    for system, model_ref in (("baseline_reranker", resolve_model(str(settings["base_model"]))),
+    sources = {}
+    for system, model_ref in (("baseline_reranker", str(settings["base_model"])),
                               ("finetuned_reranker", str(RERANKER_MODEL))):
         click.echo(f"rerank: {system} on the top {top_k} of {first_stage} for {len(queries)} queries")
-        model = load_cross_encoder(model_ref, max_length=max_length)
+        model, identity = loaded_with_identity(
+            lambda: load_cross_encoder(resolve_model(model_ref), max_length=max_length))
+        sources[system] = identity_summary(identity)
         runs[system] = rerank(model, queries, first, texts, top_k=top_k, batch_size=batch_size)
+    lineage = RERANKER_MODEL / "lineage.json"
+    if lineage.is_file():  # what the fine-tuned reranker started from, and whether training was kept
+        record = json.loads(lineage.read_text(encoding="utf-8"))
+        sources["finetuned_reranker"].update(base=identity_summary(record.get("base")), kept=str(record.get("kept")))
 
     report = compare_systems(qrels, runs, metrics=metrics, comparisons=[
         ("baseline_reranker", "first_stage"), ("finetuned_reranker", "first_stage"),
         ("finetuned_reranker", "baseline_reranker")])
     report["top_k"] = top_k
+    report["models"] = sources
     with atomic_dir(RERANKED_DIR) as tmp:
         for system, run in runs.items():
             write_trec_run(run, tmp / f"{system}.trec", tag=f"{first_stage}-{system}")

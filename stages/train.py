@@ -9,27 +9,42 @@ from retrieval.io import atomic_dir, write_json
 from retrieval.models import FAMILIES, get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
-from .common import (CHECKPOINTS, FINETUNED_MODEL, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES, load_params,
-                     params_option, raw_dir, read_jsonl, section)
+from .common import (CHECKPOINTS, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES,
+                     load_params, params_option, raw_dir, read_jsonl, section)
 
 TRAIN_CURVES = METRICS_DIR / "train"
 # Settings under `train` shared by every family (dvc.yaml's train stage lists each); the seed is the top-level one.
 SHARED_SETTINGS = tuple(name for name in TrainSettings.__dataclass_fields__ if name != "seed")
 
 
-def training_data(corpus: dict, train_records: list[dict], val_records: list[dict]) -> TrainingData:
-    """One example per (query, positive); validation corpus = val positives plus their BM25 candidates."""
+def training_data(corpus: dict, train_records: list[dict], val_records: list[dict], *, validation_corpus="all",
+                  seed: int = 42, precision: str = "fp32") -> TrainingData:
+    """One example per (query, positive); validation retrieves over the whole corpus, or over a seeded sample of
+    ``validation_corpus`` documents that holds every validation positive and its mined BM25 candidates."""
+    from retrieval.models.validation import check_sample_size, validation_corpus as sample_corpus
+
     examples = [
         {"query_id": r["query_id"], "query": r["query"], "positive_id": p["doc_id"], "positive": corpus[p["doc_id"]],
          "negative_ids": [n["doc_id"] for n in r["negatives"]], "negatives": [corpus[n["doc_id"]] for n in r["negatives"]]}
         for r in train_records for p in r["positives"]
     ]
-    val_doc_ids = {d for r in val_records for d in [p["doc_id"] for p in r["positives"]] + [n["doc_id"] for n in r["negatives"]]}
+    val_qrels = {r["query_id"]: {p["doc_id"]: p["grade"] for p in r["positives"]} for r in val_records if r["positives"]}
+    if not val_qrels:
+        raise click.ClickException("no validation queries with positives: the train stage selects on validation "
+                                   "(check split.val_fraction and the mine stage's data/negatives/val.jsonl)")
+    positives = {d for docs in val_qrels.values() for d in docs}
+    candidates = positives | {n["doc_id"] for r in val_records for n in r["negatives"]}
+    try:
+        check_sample_size(validation_corpus, len(positives))
+        documents = sample_corpus(corpus, candidates, validation_corpus, seed=seed)
+    except ValueError as error:
+        raise click.ClickException(f"params.yaml train.{error}") from None
     return TrainingData(
         examples=examples,
-        val_queries={r["query_id"]: r["query"] for r in val_records},
-        val_corpus={d: corpus[d] for d in sorted(val_doc_ids)},
-        val_qrels={r["query_id"]: {p["doc_id"]: p["grade"] for p in r["positives"]} for r in val_records},
+        val_queries={r["query_id"]: r["query"] for r in val_records if r["query_id"] in val_qrels},
+        val_corpus=documents,
+        val_qrels=val_qrels,
+        precision=precision,
     )
 
 
@@ -68,6 +83,23 @@ def family_training_config(params: dict, family_name: str) -> dict:
     return {**model_config, **training}
 
 
+def baseline_validation_run(family, config: dict, data: TrainingData, corpus_size: int) -> dict | None:
+    """The base model's validation run, read off the baseline index (index_baseline encoded the corpus with the very
+    base model and precision validation would use): one corpus encoding saved. Only when that search is the one
+    validation does: the whole corpus, searched exactly (an approximate faiss kind would score the base unfairly);
+    ``search`` checks the index's encoder identity, so a stale index fails instead of scoring another model."""
+    import json
+
+    info_path = INDEX_DIRS["baseline"] / "index.json"
+    if len(data.val_corpus) != corpus_size or not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("kind", "flat") != "flat" or (info.get("encoder_identity") or {}).get("precision") != data.precision:
+        return None
+    hits = family.search(INDEX_DIRS["baseline"], data.val_queries, 100, config)
+    return {qid: dict(doc_hits) for qid, doc_hits in hits.items()}
+
+
 @click.command("train")
 @params_option
 def command(params_path: str) -> None:
@@ -94,8 +126,14 @@ def command(params_path: str) -> None:
 
     from transformers.integrations import DVCLiveCallback
 
+    from retrieval.identity import loaded_with_identity, summary as identity_summary
+    from retrieval.precision import resolve_precision
+
     dataset = load_beir(raw_dir(params))
-    data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"))
+    data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"),
+                         validation_corpus=settings.validation_corpus, seed=settings.seed,
+                         precision=resolve_precision(str(section(params, "encode", "precision"))))
+    data.base_run = baseline_validation_run(family, section(params, "models", family_name), data, len(dataset.corpus))
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):
             raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "
@@ -105,13 +143,25 @@ def command(params_path: str) -> None:
         teacher = {r["query_id"]: r["scores"] for r in read_jsonl(TEACHER_SCORES / "train.jsonl")}
         data.examples = attach_teacher_scores(data.examples, teacher)
     live = Live(dir=str(TRAIN_CURVES), save_dvc_exp=False, dvcyaml=False)
-    summary = family.train(
+    # Every resolution made while training (the base model, adapters) is the trained model's lineage.
+    summary, identity = loaded_with_identity(lambda: family.train(
         family_training_config(params, family_name), data, FINETUNED_MODEL, settings,
         checkpoint_dir=CHECKPOINTS / family_name, callbacks=[DVCLiveCallback(live=live)],
-    )
+    ))
     live.end()
+    write_json({"base": identity, "kept": summary.get("kept")}, FINETUNED_MODEL / "lineage.json")
     # The model is saved (and DVC caches it): nothing is left to resume, and a finished run's last checkpoint would
     # otherwise make a rerun "resume" with no steps to run and no curves to log.
     shutil.rmtree(CHECKPOINTS / family_name, ignore_errors=True)
-    write_json({"trained": 1, "distilled": int(settings.distill), **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}, METRICS_DIR / "train.json")
+    write_json({"trained": 1, "distilled": int(settings.distill),
+                **{k: v for k, v in summary.items() if isinstance(v, (int, float)) or k == "kept"},
+                # per epoch as a mapping, so dvc shows each (it skips lists)
+                "val_ndcg_at_10_per_epoch": {f"epoch_{i + 1}": score
+                                             for i, score in enumerate(summary.get("val_ndcg_at_10_epochs") or [])},
+                "validation_queries": len(data.val_qrels), "validation_documents": len(data.val_corpus),
+                "base_model": identity_summary(identity)}, METRICS_DIR / "train.json")
+    if summary.get("kept_base"):
+        click.echo(f"train: no epoch beat the base model on validation (nDCG@10 {summary['val_ndcg_at_10_base']:.4f} "
+                   f"vs best epoch {max(summary['val_ndcg_at_10_epochs'], default=float('nan')):.4f}): the base model "
+                   "is kept as the fine-tuned model (train.selection: trained forces the trained one)")
     click.echo(f"train: {summary}")

@@ -81,7 +81,7 @@ def test_unanswering_endpoint_means_unreachable_quickly(monkeypatch):
     assert time.monotonic() - start < 5
 
 
-def test_hub_cached_model_resolves_to_its_id_offline(tmp_path, monkeypatch, offline):
+def test_hub_cached_model_resolves_to_its_snapshot_offline(tmp_path, monkeypatch, offline):
     import huggingface_hub.constants
 
     cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
@@ -90,7 +90,15 @@ def test_hub_cached_model_resolves_to_its_id_offline(tmp_path, monkeypatch, offl
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
-    assert resolve_model("acme/cached-model") == "acme/cached-model"
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"cached weights")
+    from retrieval.identity import recording_resolutions
+
+    with recording_resolutions() as resolved:
+        # the snapshot folder itself, so loading it cannot wait on the network
+        assert resolve_model("acme/cached-model") == str(repo / "snapshots" / "abc123")
+    assert resolved.identity()["models"] == [{
+        "ref": "acme/cached-model", "source": "hub-cache", "sha256": hashlib.sha256(b"cached weights").hexdigest(),
+        "path": str(repo / "snapshots" / "abc123"), "revision": "abc123"}]
 
 
 # ---------------------------------------------------------------- packaged weights

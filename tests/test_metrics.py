@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+import pytrec_eval  # trec_eval's own code: a declared test dependency, so a missing one fails
 
 from retrieval.metrics import (
     DEFAULT_METRICS,
@@ -155,8 +156,19 @@ def test_evaluate_means_over_judged_queries_hand_computed():
 def test_evaluate_default_metrics():
     result = evaluate(QRELS, RUN)
     assert list(result) == DEFAULT_METRICS
-    assert all(0.0 <= value <= 1.0 for value in result.values())
-    assert result["mrr_at_10"] == approx(1 / 3)
+    # Per query (q1, q2, q3). q1 ranks 5 docs and q2 3, so every cut-off >= 5 sees the whole ranking:
+    # ndcg@10:   0.66414... (= ndcg@5, above), 1/log2(3), 0
+    # recall@5, @20, @100: 1, 1, 0                    -> 2/3 each
+    # mrr@10:    1/2, 1/2, 0                          -> 1/3
+    # map@100:   (1/2 + 2/4 + 3/5)/3, 1/2, 0
+    assert result == {
+        "ndcg_at_10": approx((0.6641442115010364 + 1 / LOG2_3) / 3),  # = 0.4317...
+        "recall_at_5": approx(2 / 3),
+        "recall_at_20": approx(2 / 3),
+        "recall_at_100": approx(2 / 3),
+        "mrr_at_10": approx(1 / 3),
+        "map_at_100": approx(((1 / 2 + 2 / 4 + 3 / 5) / 3 + 1 / 2) / 3),  # = 0.3444...
+    }
 
 
 def test_evaluate_ignores_run_only_queries():
@@ -221,7 +233,6 @@ def random_qrels_run():
 
 
 def test_matches_pytrec_eval(random_qrels_run):
-    pytrec_eval = pytest.importorskip("pytrec_eval")
     qrels, run = random_qrels_run
     measures = {"ndcg_cut.5", "ndcg_cut.10", "recall.5", "recall.20", "recall.100", "map_cut.10", "map_cut.100",
                 "recip_rank"}
@@ -252,7 +263,6 @@ def test_matches_pytrec_eval(random_qrels_run):
 
 
 def test_matches_pytrec_eval_with_missing_query(random_qrels_run):
-    pytrec_eval = pytest.importorskip("pytrec_eval")
     qrels, run = random_qrels_run
     partial = {qid: docs for qid, docs in run.items() if qid != "q5"}
     expected = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(partial)

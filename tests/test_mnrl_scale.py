@@ -34,9 +34,11 @@ def test_the_optimum_is_over_all_batches_together():
 
 
 def test_a_model_that_ranks_every_positive_first_gets_a_large_scale():
-    """No optimum: the loss falls as the scale grows, until it is flat in float64 (margin 2: scale ~18)."""
+    """No optimum: the loss log(1 + e^-2s) falls as the scale s grows, until it is exactly 0 in float64. That happens
+    once 1 + e^-2s rounds to 1, i.e. e^-2s <= 2^-53 (half an ulp of 1): s >= 53 ln 2 / 2 = 18.3684. On the flat part
+    the search keeps the lower side, so it stops at that edge."""
     scores = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    assert calibrated_mnrl_scale([scores], high=50.0) > 10
+    assert calibrated_mnrl_scale([scores], high=50.0) == pytest.approx(53 * math.log(2) / 2, rel=1e-6)
 
 
 def test_no_batches_is_an_error():

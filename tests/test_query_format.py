@@ -96,7 +96,8 @@ def test_last_k():
 def test_rewrite_field_is_used_when_present():
     rewriter = FakeRewriter()
     assert format_queries(conversation(), "rewrite", rewriter=rewriter)["c-4"] == REWRITE
-    assert ("c-4", 6, CURRENT) not in rewriter.calls
+    # only the turns without a rewrite field are asked for one (c-1 has no history to resolve)
+    assert rewriter.calls == [("c-2", 2, "can it store any JSON?"), ("c-3", 4, "what about attachments?")]
 
 
 def test_rewriter_is_asked_when_the_field_is_absent():

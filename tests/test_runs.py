@@ -40,8 +40,10 @@ def test_read_order_follows_file_rank_and_ranked_reproduces_it(tmp_path):
     path = tmp_path / "run.trec"
     write_trec_run(RUN, path, tag="t")
     run = read_trec_run(path)
-    for qid, docs in RUN.items():
-        assert ranked(run[qid]) == ranked(docs)
+    # queries in file (sorted string) order, documents in file rank order
+    assert list(run) == ["q1", "q10", "q2"]
+    assert list(run["q2"]) == ["d9", "d2", "d10", "d1", "d3"] == ranked(run["q2"])
+    assert list(run["q10"]) == ["y", "x"] == ranked(run["q10"])
 
 
 def test_read_skips_blank_lines_and_accepts_tabs(tmp_path):

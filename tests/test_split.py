@@ -30,7 +30,7 @@ def test_carves_all_splits_by_conversation():
     assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"])
     assert result.counts["test"] == {"queries": 18, "groups": 6, "qrels": 18}
     assert sum(c["queries"] for c in result.counts.values()) == 90
-    assert result.shared_groups == 0 and result.dropped == 0 and result.official_test is None
+    assert result.dropped == 0 and result.official_test is None
     assert all(docs == qrels[qid] for split in result.qrels.values() for qid, docs in split.items())
 
 
@@ -127,4 +127,25 @@ def test_leakage_check_on_crafted_split():
     fixed = {"train": {k: v for k, v in qrels.items() if not k.startswith("c1")},
              "test": {k: v for k, v in qrels.items() if k.startswith("c1")}}
     assert count_shared_groups(queries, fixed) == 0
-    check_no_leakage(queries, fixed)
+    check_no_leakage(queries, fixed)  # a clean split passes
+
+
+def test_leakage_check_catches_one_standalone_query_in_two_splits():
+    # Without a conversation the query is its own group: the same query id judged in train and test leaks.
+    queries = {"q1": {"text": "a"}, "q2": {"text": "b"}, "q3": {"text": "c"}}
+    leaky = {"train": {"q1": {"d1": 1}, "q2": {"d2": 1}}, "val": {}, "test": {"q2": {"d9": 1}, "q3": {"d3": 1}}}
+    assert count_shared_groups(queries, leaky) == 1
+    with pytest.raises(LeakageError, match=r"^1 groups appear in more than one split: 'q2' in test, train$"):
+        check_no_leakage(queries, leaky)
+
+
+def test_leakage_message_lists_the_first_ten_groups():
+    # 12 conversations each with a turn in train and one in test. Groups sort as strings (c0 c1 c10 c11 c2 .. c9):
+    # the ten shown end at c7, and c8, c9 are the 2 more.
+    queries, qrels = conversations(12, turns=2)
+    leaky = {"train": {k: v for k, v in qrels.items() if k.endswith("-t1")},
+             "test": {k: v for k, v in qrels.items() if k.endswith("-t2")}}
+    assert count_shared_groups(queries, leaky) == 12
+    shown = "; ".join(f"'{g}' in test, train" for g in ["c0", "c1", "c10", "c11", "c2", "c3", "c4", "c5", "c6", "c7"])
+    with pytest.raises(LeakageError, match=rf"^12 groups appear in more than one split: {shown} \(and 2 more\)$"):
+        check_no_leakage(queries, leaky)

@@ -56,7 +56,9 @@ def test_dvc_tracks_every_setting_the_train_stage_reads():
     root = Path(__file__).resolve().parents[1]
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]
     tracked = {p for p in stage["params"] if isinstance(p, str)}
-    assert {f"train.{name}" for name in SHARED_SETTINGS} | {"seed", "model", "train.${model}", "models.${model}"} == tracked
+    # encode: validation passes encode in the index stages' precision
+    assert {f"train.{name}" for name in SHARED_SETTINGS} | {"seed", "model", "train.${model}", "models.${model}",
+                                                           "encode"} == tracked
     train_params = yaml.safe_load((root / "params.yaml").read_text())["train"]
     assert set(train_params) - set(FAMILIES) <= set(SHARED_SETTINGS)
     # train.${model} must resolve for every family, so each has a section (empty when it has nothing of its own)

@@ -8,16 +8,18 @@ A family is one module in ``retrieval.models`` exposing:
   ``save_pretrained``-style folder into ``out_dir``;
 - ``build_index(model_ref, corpus, index_dir, config) -> dict`` (index stats), where ``model_ref`` is the base
   model id (the baseline) or the fine-tuned folder;
-- ``search(index_dir, queries, k, config) -> {qid: [(doc_id, score), ...]}`` in pyserini's batch_search shape.
+- ``search(index_dir, queries, k, config) -> {qid: [(doc_id, score), ...]}`` in pyserini's batch_search shape; it
+  records what the encoder resolved to in the index (``retrieval.identity``) and refuses to search with an encoder
+  that resolves to other weights.
+
+Training scores the base model and every epoch with retrieval over the validation corpus
+(``retrieval.models.validation``) and saves the best (``retrieval.models.checkpoints.KeepBest``).
 
 ``config`` is the family's own section of the params (``models.<family>``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +36,13 @@ class TrainSettings:
     # DISTILLABLE = True); the student's similarities are multiplied by distill_scale to meet the teacher's logit range.
     distill: bool = False
     distill_scale: float = 20.0
+    # A checkpoint every this many steps (plus one per epoch), so an interrupted run loses at most this many.
+    checkpoint_steps: int = 10
+    # "validation": the best of the base model and every epoch on validation nDCG@10 is kept (the base when no
+    # epoch beats it); "trained": the best epoch, even when the base model scores higher.
+    selection: str = "validation"
+    # Validation retrieves over "all" of the corpus, or over a seeded sample of this many documents.
+    validation_corpus: str | int = "all"
 
 
 @dataclass
@@ -46,20 +55,19 @@ class TrainingData:
     val_queries: dict[str, str] = field(default_factory=dict)
     val_corpus: dict[str, dict] = field(default_factory=dict)
     val_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Inference precision of the validation passes (the index stages' encode.precision, resolved).
+    precision: str = "fp32"
+    # The base model's validation run {qid: {doc: score}} when already computed (the baseline index searched with
+    # the validation queries); None: validation runs the base model itself.
+    base_run: dict | None = None
 
 
 def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> tuple[Path, bool]:
-    """Return (folder, resumable). Checkpoints survive a failed run so the next run resumes from them, but only
-    when they were made by the same configuration: otherwise they are cleared."""
-    folder = Path(checkpoint_dir)
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = folder / "fingerprint.txt"
-    if folder.exists() and (not stamp.exists() or stamp.read_text().strip() != digest):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
-    resumable = any(p.name.startswith("checkpoint-") for p in folder.iterdir())
-    return folder, resumable
+    """Moved to :func:`retrieval.models.checkpoints.prepare_checkpoint_dir` (kept here for existing callers).
+    Imported when called: that module loads transformers (and torch), which importing base.py should not."""
+    from .checkpoints import prepare_checkpoint_dir as prepare
+
+    return prepare(checkpoint_dir, fingerprint)
 
 
 def whole_run_training_loss(training_loss: float, log_history: list[dict], resumed: bool) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from retrieval.metrics import ranked
 
 VAL_NAME = "val"  # the evaluator's name: its metrics are logged as eval_val_ndcg@10, ...
 VAL_AT_K = 10
+SAMPLE_KEYS = ("query", "positive", "negative")  # a CrossEncoderRerankingEvaluator sample
 
 
 def load_cross_encoder(name_or_path, max_length: int = 512) -> CrossEncoder:
@@ -110,19 +112,32 @@ def _listwise_dataset(train_rows: list[dict], group_size: int) -> dict[str, list
 
 def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *, loss: str = "bce",
                         negatives_per_positive: int = 2, group_size: int = 4, epochs: int = 1, batch_size: int = 16,
-                        lr: float = 2e-5, seed: int = 42, val_rows: list[dict] | None = None, callbacks=None) -> dict:
+                        lr: float = 2e-5, seed: int = 42, val_rows: list[dict] | None = None, callbacks=None,
+                        checkpoint_dir=None, checkpoint_steps: int = 20, selection: str = "validation") -> dict:
     """Fine-tune on ``{"query", "positives": [text], "negatives": [text, in BM25 rank order]}`` rows; save to out_dir.
 
     ``loss="bce"``: (query, positive, 1) and (query, negative, 0) pairs, ``negatives_per_positive`` negatives per
     positive, with BinaryCrossEntropyLoss. ``loss="listwise"``: groups of 1 positive + ``group_size - 1``
-    negatives with GroupSoftmaxLoss. With ``val_rows`` (same format) nDCG@10 of reranking each row's positives +
-    negatives is evaluated after every epoch and the best epoch's model is the one saved.
-    Returns a summary: loss, examples, steps, mean train loss, and per-epoch / best validation nDCG@10.
+    negatives with GroupSoftmaxLoss.
+
+    With ``val_rows`` (same format), nDCG@10 of reranking each row's positives + negatives is scored for the base
+    model before the first step and after every epoch; ``selection="validation"`` saves the best of them (the base
+    model when training does not beat it), ``"trained"`` the best epoch. Without, the last model is saved.
+    (``model`` itself is trained in place: it is the last model, not necessarily the saved one.)
+    A full checkpoint (optimizer state included) every ``checkpoint_steps`` steps in ``checkpoint_dir`` lets an
+    interrupted run resume, but only one made by the same settings and the very same training examples; without
+    ``checkpoint_dir`` a temporary folder is used and nothing resumes.
+    Returns a summary: loss, examples, steps, mean train loss, whether it resumed, and what validation chose
+    (``val_ndcg_at_10_base``, ``_epochs``, ``_best``, ``kept``: "base" | "epoch N" | "last", ``kept_base``).
     """
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    from .base import whole_run_training_loss
+    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
+    from .st_training import SELECTIONS, selection_summary
 
     if loss == "bce":
         if negatives_per_positive < 1:
@@ -134,38 +149,59 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         columns, loss_fn = _listwise_dataset(train_rows, group_size), GroupSoftmaxLoss(model)
     else:
         raise ValueError(f"unknown loss {loss!r}: choose 'bce' or 'listwise'")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if int(checkpoint_steps) < 1:
+        raise ValueError(f"checkpoint_steps must be >= 1, got {checkpoint_steps}")
     dataset = Dataset.from_dict(columns)
     if len(dataset) == 0:
         raise ValueError("no training examples: rows need positives (and, for listwise, negatives)")
 
-    evaluator = None
+    evaluator, samples = None, []
     if val_rows:
         samples = [{"query": row["query"], "positive": list(row["positives"]), "negative": _hard_negatives(row)}
                    for row in val_rows if row["positives"]]
+        if not samples:
+            raise ValueError(f"val_rows: none of the {len(val_rows)} rows has a positive to validate on")
         evaluator = CrossEncoderRerankingEvaluator(samples, at_k=VAL_AT_K, name=VAL_NAME, batch_size=batch_size,
                                                    write_csv=False)
-    val_metric = f"eval_{VAL_NAME}_ndcg@{VAL_AT_K}"
+    val_key = f"{VAL_NAME}_ndcg@{VAL_AT_K}"  # the evaluator's own key; the Trainer logs it as eval_<key>
 
     with tempfile.TemporaryDirectory(prefix="cross-encoder-train-") as scratch:
-        per_epoch = "epoch" if evaluator else "no"
+        # Everything that shapes training, and the examples themselves (their hash, not their count); not
+        # checkpoint_steps, which only says how often to save. selection is in, as a kept base must not resume
+        # into a run that never keeps it, and so are the validation rows, which the recorded scores came from.
+        fingerprint = {"config": {"loss": loss, "negatives_per_positive": negatives_per_positive,
+                                  "group_size": group_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                  "seed": seed, "base_model": model.model.name_or_path,
+                                  "max_length": model.max_seq_length, "selection": selection},
+                       "rows": rows_fingerprint(columns),
+                       "validation": rows_fingerprint({key: [s[key] for s in samples] for key in SAMPLE_KEYS})
+                       if evaluator else None}
+        folder, resumable = prepare_checkpoint_dir(checkpoint_dir if checkpoint_dir is not None else scratch,
+                                                   fingerprint)
+        keeper = KeepBest(folder, f"eval_{val_key}", save=lambda m, path: m.save_pretrained(str(path)),
+                          include_base=selection == "validation")
+        if evaluator is not None and not keeper.has_base:  # a resumed run scored its base already
+            keeper.record("base", evaluator(model)[val_key], model, 0)
         args = CrossEncoderTrainingArguments(
-            output_dir=scratch, num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
+            output_dir=str(folder), num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=lr,
             seed=seed, data_seed=seed, report_to="none", logging_steps=50, disable_tqdm=False,
             dataloader_pin_memory=False,  # batches are raw text (the loss tokenises): nothing to pin
-            eval_strategy=per_epoch, save_strategy=per_epoch,
-            # Checkpoints exist only to restore the best epoch: no optimizer state, at most best + latest on disk.
-            save_only_model=True, save_total_limit=1, load_best_model_at_end=evaluator is not None,
-            metric_for_best_model=val_metric if evaluator else None, greater_is_better=True)
+            eval_strategy="epoch" if evaluator else "no",
+            # Full checkpoints (optimizer, scheduler and RNG state too) so that a resumed run goes on as if never
+            # stopped; only the latest is kept, KeepBest keeps the best model beside it.
+            save_strategy="steps", save_steps=int(checkpoint_steps), save_total_limit=1,
+            load_best_model_at_end=False)
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss_fn,
-                                      evaluator=evaluator, callbacks=callbacks)
-        result = trainer.train()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
+                                      evaluator=evaluator, callbacks=[*(callbacks or ()), keeper])
+        result = trainer.train(resume_from_checkpoint=True if resumable else None)
+        with atomic_dir(out_dir) as tmp:
+            if keeper.best_dir is not None:
+                shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
+            else:  # no validation: the last model
+                model.save_pretrained(str(tmp))
 
-    summary = {"loss": loss, "train_examples": len(dataset), "epochs": epochs, "steps": trainer.state.global_step,
-               "train_loss": result.training_loss}
-    if evaluator:
-        summary[f"val_ndcg_at_{VAL_AT_K}_per_epoch"] = [log[val_metric] for log in trainer.state.log_history
-                                                         if val_metric in log]
-        summary[f"best_val_ndcg_at_{VAL_AT_K}"] = trainer.state.best_metric
-    return summary
+    return {"loss": loss, "train_examples": len(dataset), "epochs": epochs, "steps": int(result.global_step),
+            "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
+            "resumed": int(resumable), **selection_summary(keeper)}

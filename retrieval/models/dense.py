@@ -12,8 +12,11 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import resolve_model
+from ..identity import index_precision, load_for_index, loaded_with_identity
+from ..precision import inference_precision
 from .base import TrainingData, TrainSettings, with_family_overrides
-from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns, validation_task
+from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns
+from .validation import vector_validator
 
 TRAINABLE = True
 DISTILLABLE = True
@@ -41,13 +44,15 @@ def encode(model, texts: list[str], *, batch_size: int = 64, progress: bool = Tr
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
     from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from transformers import set_seed
 
     settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
-    evaluator = InformationRetrievalEvaluator(**validation_task(data), batch_size=int(config.get("encode_batch_size", 64)))
+    batch_size = int(config.get("encode_batch_size", 64))
+    # encode() normalises for cosine models, so the dot product of its vectors is the model's similarity.
+    validator = vector_validator(data, lambda m, texts: encode(m, texts, batch_size=batch_size, progress=False),
+                                 lambda m, docs: encode(m, [doc_text(d) for d in docs], batch_size=batch_size))
     if settings.distill:
         from sentence_transformers import util
         from sentence_transformers.losses import MarginMSELoss
@@ -57,18 +62,14 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         columns = margin_columns(data, settings.negatives_per_query)
     else:
         loss, columns = MultipleNegativesRankingLoss(model), triplet_columns(data, settings.negatives_per_query)
-    summary = fit(
-        model, loss, columns, evaluator,
-        # The evaluator names its main score after the model's similarity, e.g. "val_cosine_ndcg@10".
-        f"val_{model.similarity_fn_name}_ndcg@10", settings, config=dict(config), out_dir=out_dir,
-        checkpoint_dir=checkpoint_dir, callbacks=callbacks,
-    )
+    summary = fit(model, loss, columns, validator, settings, config=dict(config), out_dir=out_dir,
+                  checkpoint_dir=checkpoint_dir, callbacks=callbacks)
     return {"family": "dense", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
             **summary}
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
-    model = load(model_ref, config)
+    model, identity = loaded_with_identity(lambda: load(model_ref, config))
     doc_ids = list(corpus)
     embeddings = encode(model, [doc_text(corpus[d]) for d in doc_ids], batch_size=int(config.get("encode_batch_size", 64)))
     faiss_config = config.get("faiss", {}) or {}
@@ -76,7 +77,7 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
     index = build_faiss_index(embeddings, kind, **{k: v for k, v in faiss_config.items() if k in
                                                    ("hnsw_m", "hnsw_ef_construction", "ivf_nlist", "pq_m")})
     save_dense_index(index, doc_ids, index_dir, {"encoder": str(model_ref), "kind": kind, "dim": int(embeddings.shape[1]),
-                                                 "normalized": _normalizes(model)})
+                                                 "normalized": _normalizes(model), "encoder_identity": identity})
     return {"num_docs": len(doc_ids), "dim": int(embeddings.shape[1]), "kind": kind,
             "index_bytes": (Path(index_dir) / "index.faiss").stat().st_size}
 
@@ -84,7 +85,9 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
 def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
     faiss_config = config.get("faiss", {}) or {}
     searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in ("hnsw_ef_search", "ivf_nprobe")})
-    model = load(read_index_info(index_dir)["encoder"], config)
+    info = read_index_info(index_dir)
+    model = load_for_index(lambda: load(info["encoder"], config), info, f"index {index_dir}")
     qids = list(queries)
-    vectors = encode(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
+    with inference_precision(index_precision(info)):
+        vectors = encode(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
     return searcher.batch_search(vectors, qids, k)

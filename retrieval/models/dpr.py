@@ -32,8 +32,11 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import ModelNotAvailable, resolve_model
+from ..identity import index_precision, load_for_index, loaded_with_identity
+from ..precision import inference_precision
 from .base import TrainingData, TrainSettings, is_unset
-from .st_training import fit, triplet_columns, validation_task
+from .st_training import fit, triplet_columns
+from .validation import vector_validator
 
 TRAINABLE = True
 DEFAULT_QUERY_MODEL = "facebook/dpr-question_encoder-single-nq-base"
@@ -138,7 +141,7 @@ def load(model_ref: str | None, config: Mapping | None = None):
     config = config or {}
     max_seq_length = int(config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
     if is_saved_model(model_ref):
-        model = SentenceTransformer(str(model_ref), device=config.get("device"), local_files_only=True)
+        model = SentenceTransformer(resolve_model(str(model_ref)), device=config.get("device"), local_files_only=True)
         model.max_seq_length = max_seq_length
         return model
     query_model, passage_model = tower_refs(config, model_ref)
@@ -158,7 +161,6 @@ def encode_passages(model, texts: list[str], *, batch_size: int = 64, progress: 
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
     from sentence_transformers import util
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import set_seed
 
@@ -166,11 +168,13 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     query_model, passage_model = tower_refs(config)
     model = load(None, config)
     columns = triplet_columns(data, settings.negatives_per_query)
-    evaluator = InformationRetrievalEvaluator(**validation_task(data), batch_size=int(config.get("encode_batch_size", 64)))
+    batch_size = int(config.get("encode_batch_size", 64))
+    validator = vector_validator(data, lambda m, texts: encode_queries(m, texts, batch_size=batch_size, progress=False),
+                                 lambda m, docs: encode_passages(m, [doc_text(d) for d in docs], batch_size=batch_size))
     # DPR's loss: cross-entropy over dot products with the positive, the other in-batch passages and hard negatives.
     loss = MultipleNegativesRankingLoss(model, scale=1.0, similarity_fct=util.dot_score)
     summary = fit(
-        model, loss, columns, evaluator, "val_dot_ndcg@10", settings, config={"family": "dpr", **dict(config)},
+        model, loss, columns, validator, settings, config={"family": "dpr", **dict(config)},
         out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
         # The Router sends each column through its tower: questions -> query, passages -> document.
         extra_args={"router_mapping": {c: "query" if c == "anchor" else "document" for c in columns}},
@@ -179,7 +183,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
-    model = load(model_ref, config)
+    model, identity = loaded_with_identity(lambda: load(model_ref, config))
     doc_ids = list(corpus)
     embeddings = encode_passages(model, [doc_text(corpus[d]) for d in doc_ids],
                                  batch_size=int(config.get("encode_batch_size", 64)))
@@ -189,7 +193,8 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
     # `encoder` is what search loads to encode queries with the same model's question tower.
     encoder = str(model_ref) if is_saved_model(model_ref) else None
     info = {"family": "dpr", "encoder": encoder, "towers": None if encoder else list(tower_refs(config, model_ref)),
-            "kind": kind, "dim": int(embeddings.shape[1]), "normalized": False, "similarity": "dot"}
+            "kind": kind, "dim": int(embeddings.shape[1]), "normalized": False, "similarity": "dot",
+            "encoder_identity": identity}
     save_dense_index(index, doc_ids, index_dir, info)
     return {"num_docs": len(doc_ids), "dim": int(embeddings.shape[1]), "kind": kind,
             "index_bytes": (Path(index_dir) / "index.faiss").stat().st_size}
@@ -199,12 +204,16 @@ def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, con
     faiss_config = config.get("faiss", {}) or {}
     searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in FAISS_SEARCH_KEYS})
     info = read_index_info(index_dir)
-    if info.get("encoder"):
-        model = load(info["encoder"], config)
-    else:
+
+    def load_encoder():
+        if info.get("encoder"):
+            return load(info["encoder"], config)
         query_model, passage_model = info["towers"]
-        model = build_model(query_model, passage_model, device=config.get("device"),
-                            max_seq_length=int(config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH))
+        return build_model(query_model, passage_model, device=config.get("device"),
+                           max_seq_length=int(config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH))
+
+    model = load_for_index(load_encoder, info, f"index {index_dir}")
     qids = list(queries)
-    vectors = encode_queries(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
+    with inference_precision(index_precision(info)):
+        vectors = encode_queries(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
     return searcher.batch_search(vectors, qids, k)

@@ -10,8 +10,9 @@ on the raw (unnormalised) CLS vectors, searched with a faiss L2 index (flat, HNS
 ``-||q - d||`` so that higher is better as for the other families. ``dot`` and ``cosine`` (faiss inner product,
 as the dense family) are available as alternatives.
 
-Offline (the adapters cannot be fetched from the hub), a BERT-like ``base_model`` gets freshly initialised
-bottleneck adapters (``seq_bn``, seeded so index and search build the same ones), with a warning.
+An adapter param set to null asks for a freshly initialised bottleneck adapter (``seq_bn``, seeded so index and
+search build the same ones), e.g. offline, where the adapters cannot be fetched; a named adapter that cannot be
+loaded is an error, never a silent fresh one.
 
 Training uses the transformers ``Trainer`` around a sentence-transformers-style loss module
 (``TripletLoss`` or ``MultipleNegativesRankingLoss``): seeded, tqdm progress, validation nDCG@10 every epoch with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -34,10 +36,10 @@ from torch import nn
 
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import hub_reachable, resolve_model
+from ..identity import index_precision, load_for_index, loaded_with_identity
 from ..io import atomic_dir
-from ..metrics import evaluate
-from .base import (TrainingData, TrainSettings, is_unset, prepare_checkpoint_dir, settings_dict,
-                   whole_run_training_loss, with_family_overrides)
+from ..precision import inference_precision
+from .base import TrainingData, TrainSettings, is_unset, settings_dict, whole_run_training_loss, with_family_overrides
 
 TRAINABLE = True
 DEFAULT_BASE_MODEL = "allenai/specter2_base"
@@ -63,26 +65,41 @@ def _adapter_cached(adapter_id: str) -> bool:
     return isinstance(try_to_load_from_cache(adapter_id, "adapter_config.json"), str)
 
 
+class AdapterNotLoaded(RuntimeError):
+    pass
+
+
 def attach_adapter(model, role: str, source: str | None, fresh_config: str = "seq_bn") -> bool:
-    """Add the ``role`` adapter to ``model``: loaded from ``source`` (hub id or folder) when possible, else freshly
-    initialised (seeded) with a warning. Returns whether pretrained weights were loaded."""
+    """Add the ``role`` adapter to ``model``: loaded from ``source`` (hub id or folder), or freshly initialised
+    (seeded) when ``source`` is unset, which is how params ask for fresh adapters. A named adapter that cannot be
+    loaded is an error: falling back silently would report the base model's numbers as SPECTER2's.
+    Returns whether pretrained weights were loaded; the adapter's identity is recorded (``retrieval.identity``)."""
+    from ..identity import Resolution, hub_snapshot_resolution, local_resolution, record
+
     name = ADAPTER_NAMES[role]
     if not is_unset(source):
         local = Path(str(source)).expanduser()
-        if local.is_dir() or hub_reachable() or _adapter_cached(str(source)):
+        reachable = hub_reachable()
+        if local.is_dir() or reachable or _adapter_cached(str(source)):
             try:
                 model.load_adapter(str(local) if local.is_dir() else str(source), load_as=name, with_head=False)
-                return True
-            except Exception as err:  # noqa: BLE001 - any failure falls back to a fresh adapter, loudly
-                reason = f"loading it failed ({type(err).__name__}: {err})"
-        else:
-            reason = "the Hugging Face hub cannot be reached and it is not in the hub cache"
-        logger.warning("SPECTER2 %s adapter %r not loaded: %s. Using a FRESHLY INITIALISED %s adapter instead "
-                       "(zero-shot results are then those of the base model, not SPECTER2).", role, source, reason,
-                       fresh_config)
+            except Exception as err:  # noqa: BLE001 - re-raised with what to do about it
+                raise AdapterNotLoaded(
+                    f"SPECTER2 {role} adapter {source!r} could not be loaded ({type(err).__name__}: {err}). "
+                    f"Give a loadable adapter, or set models.specter2.{role}_adapter to null to train a freshly "
+                    f"initialised {fresh_config} adapter") from err
+            record(local_resolution(str(source), local) if local.is_dir() else
+                   hub_snapshot_resolution(str(source), "hub" if reachable else "hub-cache", "adapter_config.json"))
+            return True
+        raise AdapterNotLoaded(
+            f"SPECTER2 {role} adapter {source!r}: the Hugging Face hub cannot be reached and it is not in the hub "
+            f"cache. Download it to a folder and set models.specter2.{role}_adapter to it, or set it to null for a "
+            f"freshly initialised {fresh_config} adapter (zero-shot numbers are then the base model's, not SPECTER2's)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FRESH_ADAPTER_SEEDS[role])
         model.add_adapter(name, config=fresh_config)
+    record(Resolution(ref=f"fresh {role} adapter", source="fresh",
+                      sha256=f"{fresh_config}:seed{FRESH_ADAPTER_SEEDS[role]}"))
     return False
 
 
@@ -202,14 +219,14 @@ def is_saved_model(model_ref) -> bool:
 
 def load(model_ref: str | None, config: Mapping | None = None) -> Specter2Encoder:
     """A folder saved by ``train`` (``Specter2Encoder.save``), or ``model_ref`` (default: ``config.base_model``) as
-    the body with the configured adapters (fresh ones when they cannot be loaded)."""
+    the body with the configured adapters (fresh ones where an adapter param is null)."""
     from adapters import AutoAdapterModel
     from transformers import AutoTokenizer
 
     config = config or {}
     device = config.get("device")
     if is_saved_model(model_ref):
-        folder = Path(str(model_ref))
+        folder = Path(resolve_model(str(model_ref)))  # a local folder: resolving it records its identity
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         model = AutoAdapterModel.from_pretrained(str(folder))
         present = set(model.adapters_config.adapters)
@@ -317,16 +334,14 @@ class _Collator:
                 "negatives": self.encoder.tokenize(negatives), "doc_keys": torch.tensor(keys, dtype=torch.long)}
 
 
-def validation_ndcg(encoder: Specter2Encoder, data: TrainingData, *, batch_size: int = 32) -> float:
-    """nDCG@10 of ranking ``data.val_corpus`` for ``data.val_queries`` (exact scores, the index's similarity)."""
-    qids = [q for q in data.val_queries if q in data.val_qrels]
-    doc_ids = list(data.val_corpus)
-    queries = torch.from_numpy(encoder.encode_queries([data.val_queries[q] for q in qids], batch_size=batch_size))
-    docs = torch.from_numpy(encoder.encode_documents([data.val_corpus[d] for d in doc_ids], batch_size=batch_size))
-    scores, rows = encoder.scores(queries, docs).topk(min(100, len(doc_ids)), dim=1)
-    run = {qid: {doc_ids[r]: float(s) for s, r in zip(score_row.tolist(), row.tolist())}
-           for qid, score_row, row in zip(qids, scores, rows)}
-    return evaluate({q: data.val_qrels[q] for q in qids}, run, ["ndcg_at_10"])["ndcg_at_10"]
+def validator(encoder: Specter2Encoder, data: TrainingData, *, batch_size: int = 32):
+    """Retrieval validation over ``data.val_corpus`` with the encoder's own similarity (see ``validation.py``)."""
+    from .validation import vector_validator
+
+    # cosine: encode_* give raw CLS vectors, normalised by the search; l2 and dot use them as they are.
+    return vector_validator(data, lambda m, texts: m.encode_queries(texts, batch_size=batch_size),
+                            lambda m, docs: m.encode_documents(docs, batch_size=batch_size, progress=True),
+                            similarity=encoder.similarity)
 
 
 class _TrainingModule(nn.Module):
@@ -364,7 +379,7 @@ def _trainer_class():
 
         def __init__(self, *args, validate, **kwargs):
             super().__init__(*args, **kwargs)
-            self._validate = validate
+            self._validate = validate  # () -> {"val_ndcg_at_10": ..., ...}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = model(**inputs)
@@ -374,7 +389,7 @@ def _trainer_class():
             super()._save(output_dir, state_dict=self.model.checkpoint_state_dict())
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            metrics = {f"{metric_key_prefix}_ndcg_at_10": float(self._validate())}
+            metrics = {f"{metric_key_prefix}_{name}": float(value) for name, value in self._validate().items()}
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -384,25 +399,32 @@ def _trainer_class():
 
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
+    """As ``st_training.fit`` (validation before the first step and after every epoch, the best of base and epochs
+    kept, step checkpoints keyed on the rows' hash) around the transformers Trainer and SPECTER2's own loss."""
     from transformers import TrainingArguments, set_seed
 
+    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
+    from .st_training import SELECTIONS, score_final_epoch, selection_summary
+
+    if settings.selection not in SELECTIONS:
+        raise ValueError(f"train.selection: expected one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
     set_seed(settings.seed)
     encoder = load(None, config)
     train_body = bool(config.get("train_body", False))
     trainable = encoder.set_trainable(train_body)
     loss = make_loss(config, encoder)
     rows = _rows(data, encoder.tokenizer.sep_token, settings.negatives_per_query)
-    batch_size = int(config.get("encode_batch_size", 32))
-    has_val = any(q in data.val_qrels for q in data.val_queries)
-
-    def validate() -> float:
-        return validation_ndcg(encoder, data, batch_size=batch_size)
-
-    before = validate() if has_val else None
+    validate = validator(encoder, data, batch_size=int(config.get("encode_batch_size", 32)))
     folder, resumable = prepare_checkpoint_dir(
         checkpoint_dir, {"family": "specter2", "config": dict(config), "settings": settings_dict(settings),
-                         "rows": len(rows)}
+                         "rows": rows_fingerprint({key: [row[key] for row in rows] for key in ("query", "positive", "negatives")}),
+                         "validation": validate.task}
     )
+    encoder.info["train_body"] = train_body
+    keeper = KeepBest(folder, f"eval_{validate.primary_metric}", save=lambda _module, path: encoder.save(path),
+                      include_base=settings.selection == "validation")
+    if not keeper.has_base:
+        keeper.record("base", validate.score_base(encoder), encoder, 0)
     args = TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=settings.epochs,
@@ -411,12 +433,11 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         warmup_ratio=settings.warmup_ratio,
         seed=settings.seed,
         data_seed=settings.seed,
-        eval_strategy="epoch" if has_val else "no",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_ndcg_at_10" if has_val else None,
-        greater_is_better=True,
+        eval_strategy="epoch",
+        save_strategy="steps",
+        save_steps=max(1, int(settings.checkpoint_steps)),
+        save_total_limit=1,
+        load_best_model_at_end=False,  # KeepBest keeps the best, the base model included
         logging_steps=5,
         report_to="none",
         disable_tqdm=False,
@@ -424,13 +445,17 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         dataloader_pin_memory=False,
     )
     trainer = _trainer_class()(
-        model=_TrainingModule(loss), args=args, train_dataset=rows, eval_dataset=list(data.val_queries) if has_val else None,
-        data_collator=_Collator(encoder), callbacks=list(callbacks), validate=validate,
+        model=_TrainingModule(loss), args=args, train_dataset=rows, eval_dataset=list(data.val_queries),
+        data_collator=_Collator(encoder), callbacks=[*callbacks, keeper], validate=lambda: validate(encoder),
     )
     result = trainer.train(resume_from_checkpoint=True if resumable else None)
-    encoder.info["train_body"] = train_body
+    score_final_epoch(keeper, settings.epochs, lambda: validate(encoder)[validate.primary_metric], encoder,
+                      trainer.state.global_step)
     with atomic_dir(out_dir) as tmp:
-        encoder.save(tmp)
+        if keeper.best_dir is not None and keeper.best_dir.is_dir():
+            shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
+        else:
+            encoder.save(tmp)
     return {
         "family": "specter2",
         "base_model": encoder.info.get("base_model"),
@@ -441,8 +466,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         "train_examples": len(rows),
         "steps": int(result.global_step),
         "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
-        "val_ndcg_at_10_before": float(before) if before is not None else None,
-        "val_ndcg_at_10_best": float(trainer.state.best_metric) if has_val else None,
+        **selection_summary(keeper),
         "resumed": resumable,
     }
 
@@ -480,7 +504,7 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
-    encoder = load(model_ref, config)
+    encoder, identity = loaded_with_identity(lambda: load(model_ref, config))
     doc_ids = list(corpus)
     embeddings = encoder.encode_documents([corpus[d] for d in doc_ids], progress=True,
                                           batch_size=int(config.get("encode_batch_size", 32)))
@@ -499,7 +523,7 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
             # enough to rebuild the same (baseline) model for the queries
             "base_model": None if saved else encoder.info.get("base_model"),
             "adapter_sources": None if saved else encoder.info.get("adapter_sources"),
-            "pretrained_adapters": encoder.info.get("pretrained_adapters")}
+            "pretrained_adapters": encoder.info.get("pretrained_adapters"), "encoder_identity": identity}
     save_dense_index(index, doc_ids, index_dir, info)
     return {"num_docs": len(doc_ids), "dim": int(embeddings.shape[1]), "kind": kind,
             "pretrained_adapters": int(all((encoder.info.get("pretrained_adapters") or {}).values())),
@@ -510,17 +534,21 @@ def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, con
     faiss_config = config.get("faiss", {}) or {}
     searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in FAISS_SEARCH_KEYS})
     info = read_index_info(index_dir)
-    if info.get("encoder"):
-        encoder = load(info["encoder"], config)
-    else:
+
+    def load_encoder():
+        if info.get("encoder"):
+            return load(info["encoder"], config)
         sources = info.get("adapter_sources") or {}
-        encoder = load(info["base_model"], {**dict(config), "similarity": info["similarity"],
-                                            "query_adapter": sources.get("query"),
-                                            "document_adapter": sources.get("document")})
+        return load(info["base_model"], {**dict(config), "similarity": info["similarity"],
+                                         "query_adapter": sources.get("query"),
+                                         "document_adapter": sources.get("document")})
+
+    encoder = load_for_index(load_encoder, info, f"index {index_dir}")
     if encoder.similarity != info["similarity"]:
         raise ValueError(f"{index_dir}: index built for {info['similarity']} similarity, model uses {encoder.similarity}")
     qids = list(queries)
-    vectors = encoder.encode_queries([queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 32)))
+    with inference_precision(index_precision(info)):
+        vectors = encoder.encode_queries([queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 32)))
     if info["similarity"] == "cosine":
         vectors = _normalize(vectors)
     hits = searcher.batch_search(vectors, qids, k)

@@ -13,11 +13,13 @@ from sentence_transformers import SparseEncoder
 
 from ..dataset import doc_text
 from ..hub import resolve_model
+from ..identity import index_precision, load_for_index, loaded_with_identity
+from ..precision import inference_precision
 from ..io import atomic_dir, write_jsonl
 from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
 from .base import TrainingData, TrainSettings, with_family_overrides
-from .st_training import (ScaledSimilarity, calibrated_mnrl_scale, fit, margin_columns, triplet_columns,
-                          validation_task)
+from .st_training import ScaledSimilarity, calibrated_mnrl_scale, fit, margin_columns, triplet_columns
+from .validation import RetrievalValidator, validation_task
 from .st_training import mnrl_score_batches as st_mnrl_score_batches
 
 logger = logging.getLogger(__name__)
@@ -159,15 +161,14 @@ def load(model_ref: str, config: Mapping | None = None) -> SparseEncoder:
 
 def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings, *, checkpoint_dir, callbacks=()) -> dict:
     from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
-    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
     from transformers import set_seed
 
     settings = with_family_overrides(settings, config)
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     trained_parameters = sum(p.numel() for p in model.parameters())
-    evaluator = SparseInformationRetrievalEvaluator(**validation_task(data),
-                                                    batch_size=int(config.get("encode_batch_size", 32)))
+    validator = RetrievalValidator(sparse_search(data.val_queries, data.val_corpus, config), data.val_qrels,
+                                   precision=data.precision, base_run=data.base_run, task=validation_task(data))
     columns = (margin_columns if settings.distill else triplet_columns)(data, settings.negatives_per_query, anchor="query")
     regularizers = (float(config.get("query_regularizer", 5e-5)), float(config.get("document_regularizer", 3e-5)))
     if settings.distill:
@@ -179,17 +180,32 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
         logger.info("SPLADE MNRL scale %.4g (params: %s)", mnrl_scale, config.get("mnrl_scale", 1.0))
         loss = splade_loss(model, *regularizers, mnrl_scale=mnrl_scale)
         scale_summary = {"mnrl_scale": mnrl_scale}
-    summary = fit(model, loss, columns, evaluator, f"val_{model.similarity_fn_name}_ndcg@10", settings,
-                  config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+    summary = fit(model, loss, columns, validator, settings, config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
                   trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
     return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
             "trained_parameters": trained_parameters, **scale_summary, **summary}
 
 
+def sparse_search(queries: Mapping[str, str], corpus: Mapping[str, dict], config: Mapping):
+    """``search(model)`` for validation: exact search of the quantised weights, as the impact index scores them."""
+    qids, doc_ids = list(queries), list(corpus)
+    batch_size, scale = int(config.get("encode_batch_size", 32)), float(config.get("scale", 100.0))
+
+    def search(model: SparseEncoder) -> dict:
+        documents = encode_sparse(model, [doc_text(corpus[d]) for d in doc_ids], is_query=False,
+                                  batch_size=batch_size)
+        searcher = ExactSparseSearcher(doc_ids, documents, scale=scale)
+        query_weights = encode_sparse(model, [queries[q] for q in qids], is_query=True, batch_size=batch_size,
+                                      show_progress=False)
+        return {qid: dict(hits) for qid, hits in searcher.batch_search(query_weights, qids, k=100).items()}
+
+    return search
+
+
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: Mapping) -> dict:
     """A Lucene impact index of quantised document term weights, plus the weights themselves (vectors.jsonl) for
     the exact in-memory search that cross-checks it."""
-    model = load(model_ref, config)
+    model, identity = loaded_with_identity(lambda: load(model_ref, config))
     doc_ids = list(corpus)
     weights = encode_sparse(model, [doc_text(corpus[d]) for d in doc_ids], is_query=False,
                             batch_size=int(config.get("encode_batch_size", 32)))
@@ -197,7 +213,8 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir, config: M
     with atomic_dir(index_dir) as tmp:
         stats = build_impact_index(doc_ids, weights, tmp / "lucene", scale=scale, threads=int(config.get("threads", 2)))
         write_jsonl(({"id": d, "vector": quantize(w, scale)} for d, w in zip(doc_ids, weights)), tmp / "vectors.jsonl")
-        (tmp / "index.json").write_text(json.dumps({"encoder": str(model_ref), "scale": scale, **stats}, indent=2) + "\n")
+        (tmp / "index.json").write_text(json.dumps({"encoder": str(model_ref), "scale": scale, **stats,
+                                                         "encoder_identity": identity}, indent=2) + "\n")
     return stats
 
 
@@ -213,8 +230,10 @@ def _searcher(index_dir: Path, config: Mapping):
 
 def encode_queries(index_dir, queries: Mapping[str, str], config: Mapping) -> list[dict[str, float]]:
     info = json.loads((Path(index_dir) / "index.json").read_text(encoding="utf-8"))
-    model = load(info["encoder"], config)
-    return encode_sparse(model, list(queries.values()), is_query=True, batch_size=int(config.get("encode_batch_size", 32)))
+    model = load_for_index(lambda: load(info["encoder"], config), info, f"index {index_dir}")
+    with inference_precision(index_precision(info)):
+        return encode_sparse(model, list(queries.values()), is_query=True,
+                             batch_size=int(config.get("encode_batch_size", 32)))
 
 
 def search(index_dir, queries: Mapping[str, str], k: int, config: Mapping) -> dict:

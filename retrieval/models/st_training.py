@@ -1,13 +1,15 @@
 """The fine-tuning loop shared by the sentence-transformers families (dense, DPR, SPLADE): the library's trainer
-with validation every epoch, the best epoch kept, seeded, resumable checkpoints and an atomic save."""
+with retrieval validation before the first step and after every epoch, the best of base and epochs kept, seeded,
+step checkpoints that resume an interrupted run, and an atomic save."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 from ..dataset import doc_text
 from ..io import atomic_dir
-from .base import TrainingData, TrainSettings, prepare_checkpoint_dir, settings_dict, whole_run_training_loss
+from .base import TrainingData, TrainSettings, settings_dict, whole_run_training_loss
 
 
 def triplet_columns(data: TrainingData, negatives_per_query: int, *, anchor: str = "anchor",
@@ -117,32 +119,35 @@ def calibrated_mnrl_scale(score_batches, *, low: float = 1e-3, high: float = 1e3
     return math.exp((a + b) / 2)
 
 
-def validation_task(data: TrainingData) -> dict:
-    """Keyword arguments for an InformationRetrievalEvaluator over the validation queries."""
-    return {
-        "queries": data.val_queries,
-        "corpus": {doc_id: doc_text(doc) for doc_id, doc in data.val_corpus.items()},
-        "relevant_docs": {q: {d for d, g in docs.items() if g > 0} for q, docs in data.val_qrels.items()},
-        "name": "val", "ndcg_at_k": [10], "mrr_at_k": [10], "accuracy_at_k": [1], "precision_recall_at_k": [10],
-        "map_at_k": [100], "show_progress_bar": False,
-    }
-
-
-def fit(model, loss, train_columns: dict[str, list[str]], evaluator, best_metric: str, settings: TrainSettings, *,
+def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: TrainSettings, *,
         config: dict, out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, callbacks=(),
         trainer_cls=None, args_cls=None, extra_args: dict | None = None) -> dict:
-    """Train ``model`` with ``loss``; keep the epoch with the best ``best_metric`` (an evaluator key, e.g.
-    "val_cosine_ndcg@10"); save it to ``out_dir``. Returns a summary."""
+    """Train ``model`` with ``loss`` and save the model selected on validation to ``out_dir``.
+
+    ``validator`` (a :class:`retrieval.models.validation.RetrievalValidator`) scores the base model before the first
+    step and the model after every epoch; with ``settings.selection == "validation"`` the best of them is kept, so
+    training that hurts on validation ships the base model (and says so); ``"trained"`` keeps the best epoch.
+    Checkpoints every ``settings.checkpoint_steps`` steps resume an interrupted run, but only one made from the same
+    configuration and the very same training rows (their hash, not their count). Returns a summary."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
 
+    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
+
+    if settings.selection not in SELECTIONS:
+        raise ValueError(f"train.selection: expected one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
     trainer_cls = trainer_cls or SentenceTransformerTrainer
     args_cls = args_cls or SentenceTransformerTrainingArguments
     train_dataset = Dataset.from_dict(train_columns)
     folder, resumable = prepare_checkpoint_dir(
-        checkpoint_dir, {"config": dict(config), "settings": settings_dict(settings), "rows": len(train_dataset)}
+        checkpoint_dir, {"config": dict(config), "settings": settings_dict(settings),
+                         "rows": rows_fingerprint(train_columns), "validation": validator.task}
     )
+    keeper = KeepBest(folder, f"eval_{validator.primary_metric}", save=lambda m, path: m.save_pretrained(str(path)),
+                      include_base=settings.selection == "validation")
+    if not keeper.has_base:  # a resumed run scored its base already
+        keeper.record("base", validator.score_base(model), model, 0)
     args = args_cls(
         output_dir=str(folder),
         num_train_epochs=settings.epochs,
@@ -154,26 +159,55 @@ def fit(model, loss, train_columns: dict[str, list[str]], evaluator, best_metric
         # Two queries sharing a positive in one batch would make it a false in-batch negative.
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=f"eval_{best_metric}",
-        greater_is_better=True,
+        save_strategy="steps",
+        save_steps=max(1, int(settings.checkpoint_steps)),
+        save_total_limit=1,
+        # KeepBest keeps the best model (the Trainer's own choice could not consider the base model).
+        load_best_model_at_end=False,
         logging_steps=5,
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=False,
         **(extra_args or {}),
     )
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,
-                          callbacks=list(callbacks))
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=validator,
+                          callbacks=[*callbacks, keeper])
     result = trainer.train(resume_from_checkpoint=True if resumable else None)
+    score_final_epoch(keeper, settings.epochs, lambda: validator(model)[validator.primary_metric], model,
+                      trainer.state.global_step)
     with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(str(tmp))
+        if keeper.best_dir is not None and keeper.best_dir.is_dir():
+            shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
+        else:  # no epoch was scored (selection "trained" and no validation pass ran): the last model
+            trainer.model.save_pretrained(str(tmp))
     return {
         "train_examples": len(train_dataset),
         "steps": int(result.global_step),
         "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
-        "val_ndcg_at_10_best": float(trainer.state.best_metric),
+        **selection_summary(keeper),
         "resumed": resumable,
+    }
+
+
+SELECTIONS = ("validation", "trained")
+
+
+def score_final_epoch(keeper, epochs: int, score, model, step: int) -> None:
+    """Score the last epoch if no evaluation did: a step checkpoint saved at the very last step, before the
+    epoch-end evaluation, resumes into a run with no steps left, which the Trainer never evaluates."""
+    label = f"epoch {int(epochs)}"
+    if epochs > 0 and not any(entry["label"] == label for entry in keeper.history):
+        keeper.record(label, score(), model, step)
+
+
+def selection_summary(keeper) -> dict:
+    """What validation chose, for metrics/train.json: base and best scores, and which model was kept."""
+    epochs = [entry for entry in keeper.history if entry["label"] != "base"]
+    kept = keeper.best_label or (epochs[-1]["label"] if epochs else "last")
+    return {
+        "val_ndcg_at_10_base": keeper.base_score,
+        "val_ndcg_at_10_epochs": [entry["score"] for entry in epochs],
+        "val_ndcg_at_10_best": keeper.best_score,
+        "kept": kept,
+        "kept_base": int(kept == "base"),
     }
