@@ -95,12 +95,16 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     # params' hybrid is RRF of bm25 and finetuned, compared with finetuned; Holm over both comparisons' metrics.
     assert set(report["hybrid_vs_finetuned_p_value"]) == metrics
     assert report["significance"]["correction"] == "holm" and report["significance"]["comparisons"] == 2 * len(metrics)
-    # Training at a high learning rate changed the model, and validation kept the trained one.
+    # Validation kept the best of the base model and the epochs (ties keep the earlier), and the fine-tuned system is
+    # that model: the base's numbers exactly when the base was kept. (Which one wins on 4 validation queries depends
+    # on the tiny model's random vocabulary; a run that must keep the base is the last experiment below.)
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["kept"].startswith("epoch") and train["kept_base"] == 0, train
-    assert train["val_ndcg_at_10_best"] == max(train["val_ndcg_at_10_per_epoch"].values())
-    assert train["val_ndcg_at_10_best"] > train["val_ndcg_at_10_base"]
-    assert report["finetuned"] != report["baseline"]
+    scores = {"base": train["val_ndcg_at_10_base"],
+              **{f"epoch {k.removeprefix('epoch_')}": v for k, v in train["val_ndcg_at_10_per_epoch"].items()}}
+    assert len(scores) == 4 and train["kept"] == max(scores, key=scores.get), train
+    assert train["kept_base"] == int(train["kept"] == "base")
+    assert train["val_ndcg_at_10_best"] == scores[train["kept"]]
+    assert (report["finetuned"] == report["baseline"]) == (train["kept"] == "base")
     assert not any("." in key for key in report)
     # What each system's encoder resolved to is in the metrics: the tiny model is a local folder.
     assert report["models"]["baseline"]["source"] == "local" and report["models"]["baseline"]["stand_in"] == 0

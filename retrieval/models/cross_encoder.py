@@ -137,7 +137,7 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
 
     from .base import whole_run_training_loss
     from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
-    from .st_training import SELECTIONS, selection_summary
+    from .st_training import SELECTIONS, score_final_epoch, selection_summary
 
     if loss == "bce":
         if negatives_per_positive < 1:
@@ -196,6 +196,8 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss_fn,
                                       evaluator=evaluator, callbacks=[*(callbacks or ()), keeper])
         result = trainer.train(resume_from_checkpoint=True if resumable else None)
+        if evaluator is not None:
+            score_final_epoch(keeper, epochs, lambda: evaluator(model)[val_key], model, trainer.state.global_step)
         with atomic_dir(out_dir) as tmp:
             if keeper.best_dir is not None:
                 shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
