@@ -1,7 +1,8 @@
 """Where MNRL's scale fits the SPECTER2 family's scores: the base model's own loss on training batches.
 
     dvc repro mine      # the mined negatives this reads
-    HF_HUB_OFFLINE=1 python benchmarks/specter2_mnrl_scale.py --base-model sentence-transformers/all-MiniLM-L6-v2
+    HF_HUB_OFFLINE=1 python benchmarks/specter2_mnrl_scale.py --base-model sentence-transformers/all-MiniLM-L6-v2 \
+        --fresh-adapters
 
 Encodes --rows training queries, their positives and first BM25 negatives with ``models.specter2`` (offline: a
 BERT-like base with fresh adapters), scores batches of --batch-size queries against their positives and negatives
@@ -35,11 +36,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh-adapters", action="store_true",
+                        help="freshly initialised adapters instead of params' (which offline cannot be loaded)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
     params = yaml.safe_load(Path(args.params).read_text())
     config = dict(params["models"]["specter2"])
+    if args.fresh_adapters:
+        config.update(query_adapter=None, document_adapter=None)
     base_model = args.base_model or config["base_model"]
     dataset = load_beir(raw_dir(params))
     examples = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), []).examples

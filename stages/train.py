@@ -29,9 +29,6 @@ def training_data(corpus: dict, train_records: list[dict], val_records: list[dic
         for r in train_records for p in r["positives"]
     ]
     val_qrels = {r["query_id"]: {p["doc_id"]: p["grade"] for p in r["positives"]} for r in val_records if r["positives"]}
-    if not val_qrels:
-        raise click.ClickException("no validation queries with positives: the train stage selects on validation "
-                                   "(check split.val_fraction and the mine stage's data/negatives/val.jsonl)")
     positives = {d for docs in val_qrels.values() for d in docs}
     candidates = positives | {n["doc_id"] for r in val_records for n in r["negatives"]}
     try:
@@ -133,6 +130,9 @@ def command(params_path: str) -> None:
     data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"),
                          validation_corpus=settings.validation_corpus, seed=settings.seed,
                          precision=resolve_precision(str(section(params, "encode", "precision"))))
+    if not data.val_qrels:
+        raise click.ClickException("no validation queries with positives: the train stage selects on validation "
+                                   "(check split.val_fraction and the mine stage's data/negatives/val.jsonl)")
     data.base_run = baseline_validation_run(family, section(params, "models", family_name), data, len(dataset.corpus))
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from retrieval.dataset import load_beir
+from retrieval.dataset import doc_text, load_beir
 from retrieval.models import dpr
 from retrieval.models.base import TrainingData, TrainSettings
 from tiny import corpus_texts, write_tiny_bert, write_tiny_dataset
@@ -145,7 +145,16 @@ def test_baseline_index_records_its_towers(fixture, tmp_path):
     info = json.loads((tmp_path / "index" / "index.json").read_text())
     assert info["encoder"] is None and info["towers"] == [str(bert), str(bert)]
     results = dpr.search(tmp_path / "index", {"q1": "heart heartmarker1"}, 3, config)
-    assert len(results["q1"]) == 3
+    # The hits are the exact top 3 by dot product of the question tower's query vector with the passage tower's
+    # document vectors, computed here without the index.
+    model = dpr.build_model(str(bert), str(bert), max_seq_length=64)
+    doc_ids = list(dataset.corpus)
+    docs = dpr.encode_passages(model, [doc_text(dataset.corpus[d]) for d in doc_ids], progress=False)
+    query = dpr.encode_queries(model, ["heart heartmarker1"], progress=False)[0]
+    exact = docs @ query
+    top = np.argsort(-exact)[:3]
+    assert [d for d, _ in results["q1"]] == [doc_ids[i] for i in top]
+    np.testing.assert_allclose([s for _, s in results["q1"]], exact[top], rtol=1e-4)
 
 
 def test_dpr_defaults_offline_point_to_base_model(monkeypatch):

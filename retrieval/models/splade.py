@@ -14,8 +14,8 @@ from sentence_transformers import SparseEncoder
 from ..dataset import doc_text
 from ..hub import resolve_model
 from ..identity import index_precision, load_for_index, loaded_with_identity
-from ..precision import inference_precision
 from ..io import atomic_dir, write_jsonl
+from ..precision import inference_precision
 from ..sparse_index import ExactSparseSearcher, ImpactSearcher, build_impact_index, quantize
 from .base import TrainingData, TrainSettings, with_family_overrides
 from .st_training import ScaledSimilarity, calibrated_mnrl_scale, fit, margin_columns, triplet_columns
@@ -180,8 +180,9 @@ def train(config: Mapping, data: TrainingData, out_dir, settings: TrainSettings,
         logger.info("SPLADE MNRL scale %.4g (params: %s)", mnrl_scale, config.get("mnrl_scale", 1.0))
         loss = splade_loss(model, *regularizers, mnrl_scale=mnrl_scale)
         scale_summary = {"mnrl_scale": mnrl_scale}
-    summary = fit(model, loss, columns, validator, settings, config=dict(config), out_dir=out_dir, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
-                  trainer_cls=SparseEncoderTrainer, args_cls=SparseEncoderTrainingArguments)
+    summary = fit(model, loss, columns, validator, settings, config=dict(config), out_dir=out_dir,
+                  checkpoint_dir=checkpoint_dir, callbacks=callbacks, trainer_cls=SparseEncoderTrainer,
+                  args_cls=SparseEncoderTrainingArguments)
     return {"family": "splade", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
             "trained_parameters": trained_parameters, **scale_summary, **summary}
 

@@ -71,18 +71,26 @@ class RetrievalValidator(SentenceEvaluator):
         return scores
 
 
+def corpus_size_setting(size) -> str | int:
+    """``train.validation_corpus``: "all" or a positive number of documents."""
+    if str(size).strip().lower() == "all":
+        return "all"
+    try:
+        number = int(size)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"validation_corpus: expected 'all' or a number of documents, got {size!r}")
+    return number
+
+
 def validation_corpus(corpus: Mapping[str, dict], required: set[str], size, *, seed: int = 42) -> dict[str, dict]:
     """The documents validation searches: ``size`` "all" -> the whole corpus; a number N -> the ``required`` ones
-    (validation positives and their BM25 candidates) plus a seeded random sample of the rest, N in all.
-
-    N must be at least 10x the validation positives in ``required``'s positive share, else the task is too easy to
-    select on; the caller checks that (it knows which are positives) through :func:`check_sample_size`."""
-    if str(size).strip().lower() == "all":
+    (validation positives and their BM25 candidates) plus a seeded random sample of the rest, N in all (see
+    :func:`check_sample_size` for how small N may be)."""
+    target = corpus_size_setting(size)
+    if target == "all":
         return dict(corpus)
-    try:
-        target = int(size)
-    except (TypeError, ValueError):
-        raise ValueError(f"validation_corpus: expected 'all' or a number of documents, got {size!r}") from None
     missing = sorted(required - set(corpus))
     if missing:
         raise ValueError(f"validation documents not in the corpus: {', '.join(missing[:5])}")
@@ -94,7 +102,9 @@ def validation_corpus(corpus: Mapping[str, dict], required: set[str], size, *, s
 
 
 def check_sample_size(size, positives: int) -> None:
-    if str(size).strip().lower() != "all" and int(size) < 10 * positives:
+    """A sample must hold at least 10x the validation positives, or finding them is too easy to select on."""
+    target = corpus_size_setting(size)
+    if target != "all" and target < 10 * positives:
         raise ValueError(f"validation_corpus {size}: a sample must hold at least 10x the {positives} validation "
                          f"positives ({10 * positives}); use a larger number or 'all'")
 
