@@ -417,7 +417,8 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     validate = validator(encoder, data, batch_size=int(config.get("encode_batch_size", 32)))
     folder, resumable = prepare_checkpoint_dir(
         checkpoint_dir, {"family": "specter2", "config": dict(config), "settings": settings_dict(settings),
-                         "rows": rows_fingerprint({key: [row[key] for row in rows] for key in ("query", "positive", "negatives")}),
+                         "rows": rows_fingerprint({key: [row[key] for row in rows]
+                                                   for key in ("query", "positive", "negatives")}),
                          "validation": validate.task}
     )
     encoder.info["train_body"] = train_body
