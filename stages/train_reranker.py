@@ -28,7 +28,7 @@ def command(params_path: str) -> None:
     validation nDCG@10 (`rerank.train.selection: trained`: the best epoch); an interrupted run resumes."""
     from retrieval.hub import resolve_model
     from retrieval.models.cross_encoder import load_cross_encoder, train_cross_encoder
-    from retrieval.models.st_training import SELECTIONS
+    from retrieval.models.checkpoints import SELECTIONS
 
     params = load_params(params_path)
     rerank, train = section(params, "rerank"), section(params, "rerank", "train")

@@ -157,3 +157,44 @@ class KeepBest(TrainerCallback):
             raise ValueError(f"KeepBest: the evaluation has no {self.metric!r}; its metrics are "
                              f"{', '.join(sorted(metrics or {})) or 'none'}")
         self.record(f"epoch {round(state.epoch or 0)}", metrics[self.metric], model, state.global_step)
+
+
+SELECTIONS = ("validation", "trained")
+
+
+def check_selection(selection: str, setting: str) -> None:
+    """``selection`` is "validation" (the best of base and epochs) or "trained" (the best epoch); ``setting`` names
+    where it came from, for the error."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"{setting}: expected one of {', '.join(SELECTIONS)}, got {selection!r}")
+
+
+def score_final_epoch(keeper: KeepBest, epochs: int, score: Callable[[], float], model, step: int) -> None:
+    """Score the last epoch if no evaluation did: a step checkpoint saved at the very last step, before the
+    epoch-end evaluation, resumes into a run with no steps left, which the Trainer never evaluates."""
+    label = f"epoch {int(epochs)}"
+    if epochs > 0 and not any(entry["label"] == label for entry in keeper.history):
+        keeper.record(label, score(), model, step)
+
+
+def save_kept_model(keeper: KeepBest, out_dir: str | Path, save_last: Callable[[Path], None]) -> None:
+    """Write the kept model to ``out_dir`` atomically; ``save_last(folder)`` saves the last model when nothing was
+    kept (no validation pass ran)."""
+    with atomic_dir(out_dir) as tmp:
+        if keeper.best_dir is not None:
+            shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
+        else:
+            save_last(tmp)
+
+
+def selection_summary(keeper: KeepBest) -> dict:
+    """What validation chose, for metrics/train.json: base and best scores, and which model was kept."""
+    epochs = [entry for entry in keeper.history if entry["label"] != "base"]
+    kept = keeper.best_label or (epochs[-1]["label"] if epochs else "last")
+    return {
+        "val_ndcg_at_10_base": keeper.base_score,
+        "val_ndcg_at_10_epochs": [entry["score"] for entry in epochs],
+        "val_ndcg_at_10_best": keeper.best_score,
+        "kept": kept,
+        "kept_base": int(kept == "base"),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import torch
 from sentence_transformers import CrossEncoder
 from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss
 
-from retrieval.io import atomic_dir
 from retrieval.metrics import ranked
 
 VAL_NAME = "val"  # the evaluator's name: its metrics are logged as eval_val_ndcg@10, ...
@@ -136,8 +134,8 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
     from .base import whole_run_training_loss
-    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
-    from .st_training import SELECTIONS, score_final_epoch, selection_summary
+    from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
+                              score_final_epoch, selection_summary)
 
     if loss == "bce":
         if negatives_per_positive < 1:
@@ -149,8 +147,7 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         columns, loss_fn = _listwise_dataset(train_rows, group_size), GroupSoftmaxLoss(model)
     else:
         raise ValueError(f"unknown loss {loss!r}: choose 'bce' or 'listwise'")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {selection!r}")
+    check_selection(selection, "selection")
     if int(checkpoint_steps) < 1:
         raise ValueError(f"checkpoint_steps must be >= 1, got {checkpoint_steps}")
     dataset = Dataset.from_dict(columns)
@@ -198,11 +195,8 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         result = trainer.train(resume_from_checkpoint=True if resumable else None)
         if evaluator is not None:
             score_final_epoch(keeper, epochs, lambda: evaluator(model)[val_key], model, trainer.state.global_step)
-        with atomic_dir(out_dir) as tmp:
-            if keeper.best_dir is not None:
-                shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
-            else:  # no validation: the last model
-                model.save_pretrained(str(tmp))
+        # no validation: the last model
+        save_kept_model(keeper, out_dir, lambda folder: model.save_pretrained(str(folder)))
 
     return {"loss": loss, "train_examples": len(dataset), "epochs": epochs, "steps": int(result.global_step),
             "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -37,7 +36,6 @@ from torch import nn
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import hub_reachable, resolve_model
 from ..identity import index_precision, load_for_index, loaded_with_identity
-from ..io import atomic_dir
 from ..precision import inference_precision
 from .base import TrainingData, TrainSettings, is_unset, settings_dict, whole_run_training_loss, with_family_overrides
 
@@ -403,11 +401,10 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     kept, step checkpoints keyed on the rows' hash) around the transformers Trainer and SPECTER2's own loss."""
     from transformers import TrainingArguments, set_seed
 
-    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
-    from .st_training import SELECTIONS, score_final_epoch, selection_summary
+    from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
+                              score_final_epoch, selection_summary)
 
-    if settings.selection not in SELECTIONS:
-        raise ValueError(f"train.selection: expected one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
+    check_selection(settings.selection, "train.selection")
     set_seed(settings.seed)
     encoder = load(None, config)
     train_body = bool(config.get("train_body", False))
@@ -452,11 +449,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     result = trainer.train(resume_from_checkpoint=True if resumable else None)
     score_final_epoch(keeper, settings.epochs, lambda: validate(encoder)[validate.primary_metric], encoder,
                       trainer.state.global_step)
-    with atomic_dir(out_dir) as tmp:
-        if keeper.best_dir is not None and keeper.best_dir.is_dir():
-            shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
-        else:
-            encoder.save(tmp)
+    save_kept_model(keeper, out_dir, encoder.save)
     return {
         "family": "specter2",
         "base_model": encoder.info.get("base_model"),

@@ -5,10 +5,8 @@ step checkpoints that resume an interrupted run, and an atomic save."""
 from __future__ import annotations
 
 import os
-import shutil
 
 from ..dataset import doc_text
-from ..io import atomic_dir
 from .base import TrainingData, TrainSettings, settings_dict, whole_run_training_loss
 
 
@@ -133,10 +131,10 @@ def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: T
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
 
-    from .checkpoints import KeepBest, prepare_checkpoint_dir, rows_fingerprint
+    from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
+                              score_final_epoch, selection_summary)
 
-    if settings.selection not in SELECTIONS:
-        raise ValueError(f"train.selection: expected one of {', '.join(SELECTIONS)}, got {settings.selection!r}")
+    check_selection(settings.selection, "train.selection")
     trainer_cls = trainer_cls or SentenceTransformerTrainer
     args_cls = args_cls or SentenceTransformerTrainingArguments
     train_dataset = Dataset.from_dict(train_columns)
@@ -175,39 +173,12 @@ def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: T
     result = trainer.train(resume_from_checkpoint=True if resumable else None)
     score_final_epoch(keeper, settings.epochs, lambda: validator(model)[validator.primary_metric], model,
                       trainer.state.global_step)
-    with atomic_dir(out_dir) as tmp:
-        if keeper.best_dir is not None and keeper.best_dir.is_dir():
-            shutil.copytree(keeper.best_dir, tmp, dirs_exist_ok=True)
-        else:  # no epoch was scored (selection "trained" and no validation pass ran): the last model
-            trainer.model.save_pretrained(str(tmp))
+    # no epoch scored (selection "trained" and no validation pass ran): the last model
+    save_kept_model(keeper, out_dir, lambda folder: trainer.model.save_pretrained(str(folder)))
     return {
         "train_examples": len(train_dataset),
         "steps": int(result.global_step),
         "train_loss": whole_run_training_loss(result.training_loss, trainer.state.log_history, resumable),
         **selection_summary(keeper),
         "resumed": resumable,
-    }
-
-
-SELECTIONS = ("validation", "trained")
-
-
-def score_final_epoch(keeper, epochs: int, score, model, step: int) -> None:
-    """Score the last epoch if no evaluation did: a step checkpoint saved at the very last step, before the
-    epoch-end evaluation, resumes into a run with no steps left, which the Trainer never evaluates."""
-    label = f"epoch {int(epochs)}"
-    if epochs > 0 and not any(entry["label"] == label for entry in keeper.history):
-        keeper.record(label, score(), model, step)
-
-
-def selection_summary(keeper) -> dict:
-    """What validation chose, for metrics/train.json: base and best scores, and which model was kept."""
-    epochs = [entry for entry in keeper.history if entry["label"] != "base"]
-    kept = keeper.best_label or (epochs[-1]["label"] if epochs else "last")
-    return {
-        "val_ndcg_at_10_base": keeper.base_score,
-        "val_ndcg_at_10_epochs": [entry["score"] for entry in epochs],
-        "val_ndcg_at_10_best": keeper.best_score,
-        "kept": kept,
-        "kept_base": int(kept == "base"),
     }
