@@ -108,19 +108,30 @@ def _files_digest(folder: Path, files: list[str]) -> str:
     return digest.hexdigest()
 
 
-def export_folder(path: str, *, backend: str, quantize: str = "none", cache_dir: Path | None = None) -> Path:
-    """The export folder of the model at ``path`` for (backend, quantize), exporting it first if it is not cached."""
+def export_name(path: str, *, backend: str, quantize: str = "none") -> str:
+    """The folder name of the export of the model at ``path``: ``<backend>-<variant>-<weights sha256 prefix>``."""
     variant = export_variant(backend, quantize)
     if backend == "torch":
         raise ValueError("the torch backend loads the model folder itself: there is nothing to export")
+    weights = weights_digest(_model_folder(path))
+    if weights is None:
+        raise ValueError(f"{_model_folder(path)}: no weight files (*.safetensors, *.bin) to export")
+    return f"{backend}-{variant}-{weights[:16]}"
+
+
+def export_folder(path: str, *, backend: str, quantize: str = "none", cache_dir: Path | None = None,
+                  search_dirs: tuple[Path, ...] = ()) -> Path:
+    """The export folder of the model at ``path`` for (backend, quantize), exporting it into ``cache_dir`` first
+    unless it is there or in one of ``search_dirs`` (read-only folders of ready exports, e.g. a DVC output)."""
+    variant = export_variant(backend, quantize)
+    name = export_name(path, backend=backend, quantize=quantize)
     source = _model_folder(path)
     weights = weights_digest(source)
-    if weights is None:
-        raise ValueError(f"{source}: no weight files (*.safetensors, *.bin) to export")
-    target = Path(cache_dir or default_cache_dir()) / f"{backend}-{variant}-{weights[:16]}"
-    record = _read_record(target)
-    if record is not None and record.get("format") == EXPORT_FORMAT and record.get("weights_sha256") == weights:
-        return target
+    for folder in (*search_dirs, Path(cache_dir or default_cache_dir())):
+        record = _read_record(folder / name)
+        if record is not None and record.get("format") == EXPORT_FORMAT and record.get("weights_sha256") == weights:
+            return folder / name
+    target = Path(cache_dir or default_cache_dir()) / name
     with atomic_dir(target) as tmp:
         files = _export(source, tmp, backend, variant)
         write_json({"format": EXPORT_FORMAT, "backend": backend, "quantize": quantize, "variant": variant,
@@ -223,12 +234,14 @@ def _runtime_model_kwargs(backend: str, threads: int | None, given: dict | None)
 
 
 def load_sentence_transformer(path: str, *, backend: str = "torch", quantize: str = "none",
-                              cache_dir: Path | None = None, threads: int | None = None, **kwargs: Any):
+                              cache_dir: Path | None = None, search_dirs: tuple[Path, ...] = (),
+                              threads: int | None = None, **kwargs: Any):
     """A SentenceTransformer for the model at ``path`` (a local folder, e.g. ``resolve_model(ref)``, or a hub id)
     running on ``backend`` (torch | onnx | openvino) with ``quantize`` (none | int8).
 
     onnx and openvino load the export cached in ``cache_dir`` (default ``$RETRIEVAL_CACHE/exports``), exporting it
-    first when missing. ``threads`` sets the ONNX Runtime / OpenVINO thread count (torch's is process-wide:
+    first when missing (``search_dirs``: folders of ready exports looked in first). ``threads`` sets the ONNX
+    Runtime / OpenVINO thread count (torch's is process-wide:
     ``torch.set_num_threads``). Other keyword arguments go to ``SentenceTransformer`` (``device``, ``model_kwargs``...).
     """
     check_choice(backend, quantize)
@@ -240,7 +253,7 @@ def load_sentence_transformer(path: str, *, backend: str = "torch", quantize: st
         model = SentenceTransformer(path, **kwargs)
         record = {"backend": "torch", "quantize": "none", "variant": "fp32", "file": None, "sha256": None}
     else:
-        folder = export_folder(path, backend=backend, quantize=quantize, cache_dir=cache_dir)
+        folder = export_folder(path, backend=backend, quantize=quantize, cache_dir=cache_dir, search_dirs=search_dirs)
         export = _read_record(folder)
         model_kwargs, runtime = _runtime_model_kwargs(backend, threads, kwargs.pop("model_kwargs", None))
         model = SentenceTransformer(str(folder), backend=backend, device=kwargs.pop("device", "cpu"),

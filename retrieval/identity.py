@@ -168,8 +168,16 @@ def summary(identity: dict | None) -> dict:
         "source": "+".join(model["source"] for model in models) or "none",
         "stand_in": int(stand_in_used(identity)),
         "precision": (identity or {}).get("precision", "unknown"),
+        "backend": _backend_summary((identity or {}).get("backend")),
         "models": ", ".join(f"{m['ref']}@{str(m.get('sha256'))[:12]}" for m in models),
     }
+
+
+def _backend_summary(record: dict | None) -> str:
+    """``torch``, or e.g. ``onnx int8-avx512_vnni`` (the variant names the quantisation and the CPU kernels)."""
+    if not record or record.get("backend", "torch") == "torch":
+        return "torch"
+    return f"{record['backend']} {record.get('variant', record.get('quantize'))}"
 
 
 def loaded_with_identity(load: Callable[[], object]) -> tuple[object, dict]:
@@ -185,6 +193,19 @@ def load_for_index(load: Callable[[], object], index_info: dict, what: str):
     model, identity = loaded_with_identity(load)
     check_same_encoder(index_info.get("encoder_identity"), identity, what)
     return model
+
+
+def check_same_backend(index_info: dict, current: dict, what: str) -> None:
+    """Raise :class:`ModelMismatch` unless queries are encoded by the very export (graph sha256) the documents were:
+    an index built on one CPU's int8 variant and searched on another kind of CPU must be rebuilt there."""
+    recorded = (index_info.get("encoder_identity") or {}).get("backend") or {"backend": "torch"}
+    keys = ("backend", "quantize", "variant", "sha256")
+    if any(recorded.get(key) != current.get(key) for key in keys):
+        def show(record: dict) -> str:
+            return " ".join(str(record[key])[:12] for key in keys if record.get(key))
+
+        raise ModelMismatch(f"{what} was encoded with [{show(recorded)}] but queries would be encoded with "
+                            f"[{show(current)}]: rebuild the index on this machine (e.g. `dvc repro -f index_baseline`)")
 
 
 def index_precision(index_info: dict) -> str:

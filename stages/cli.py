@@ -10,10 +10,12 @@ import importlib
 
 import click
 
+from retrieval.allocator import keep_freed_memory
+
 from .common import setup_logging
 
-STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "train", "index", "evaluate",
-          "rerank")
+STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "export", "train", "index",
+          "evaluate", "rerank")
 
 
 class StageGroup(click.Group):
@@ -32,6 +34,7 @@ class StageGroup(click.Group):
 def main() -> None:
     """Fine-tune and evaluate retrieval models; each subcommand is one stage of dvc.yaml."""
     setup_logging()
+    keep_freed_memory()  # training and encoding steps reuse their memory instead of faulting it in each time
 
 
 if __name__ == "__main__":

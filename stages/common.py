@@ -41,6 +41,8 @@ FORMATTED_QUERIES = Path("data/queries/queries.jsonl")
 REWRITE_CACHE = Path("data/rewrites/cache.jsonl")
 BM25_INDEX = Path("data/indexes/bm25")
 NEGATIVES_DIR = Path("data/negatives")
+# The base model's export for the encoding backend (stage `export`), reused by every experiment with the same base.
+BASELINE_EXPORTS = Path("data/exports/baseline")
 FINETUNED_MODEL = Path("data/models/finetuned")
 CHECKPOINTS = Path("data/checkpoints")
 INDEX_DIRS = {"baseline": Path("data/indexes/baseline"), "finetuned": Path("data/indexes/finetuned")}
@@ -94,3 +96,4 @@ def reranking_skipped(out_dir: Path) -> bool:
 
     info = out_dir / "info.json"
     return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("reranked") is False
+

@@ -8,6 +8,7 @@ import click
 
 from retrieval.bm25 import BM25Searcher, hits_to_run
 from retrieval.dataset import load_beir, read_qrels
+from retrieval.encoding import using_encoding
 from retrieval.evaluation import breakdown, compare_systems, group_queries
 from retrieval.fusion import fuse_systems
 from retrieval.io import atomic_dir, write_json
@@ -16,8 +17,9 @@ from retrieval.models import get_family
 from retrieval.identity import summary as identity_summary
 from retrieval.runs import write_trec_run
 
-from .common import (BM25_INDEX, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR, load_params,
-                     params_option, raw_dir, read_formatted_queries, section)
+from .common import (BM25_INDEX, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, RUNS_DIR, SPLIT_DIR,
+                     load_params, params_option, raw_dir, read_formatted_queries, section)
+from .encoding import encoding_for
 
 
 def model_sources() -> dict:
@@ -59,8 +61,9 @@ def command(params_path: str) -> None:
         config = section(params, "models", family_name)
         # search checks that the encoder resolves to the weights each index was built with, and encodes the
         # queries in the precision the index records
-        for system, index_dir in INDEX_DIRS.items():
-            runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
+        with using_encoding(encoding_for(params, family_name)):  # where the exports are (the index says which)
+            for system, index_dir in INDEX_DIRS.items():
+                runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
         comparisons = [("finetuned", "baseline")]
     try:
         hybrids = fuse_systems(runs, evaluate.get("fusion") or [])

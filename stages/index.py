@@ -5,9 +5,10 @@ import click
 from retrieval.dataset import load_beir
 from retrieval.io import atomic_dir, write_json
 from retrieval.models import get_family
-from retrieval.precision import inference_precision
+from retrieval.encoding import using_encoding
 
 from .common import FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, load_params, params_option, raw_dir, section
+from .encoding import encoding_for
 
 
 @click.command("index")
@@ -27,7 +28,7 @@ def command(which: str, params_path: str) -> None:
     config = section(params, "models", family_name)
     model_ref = str(config["base_model"]) if which == "baseline" else str(FINETUNED_MODEL)
     dataset = load_beir(raw_dir(params))
-    with inference_precision(str(section(params, "encode", "precision"))):
+    with using_encoding(encoding_for(params, family_name)):
         stats = family.build_index(model_ref, dataset.corpus, INDEX_DIRS[which], config)
     write_json(stats, METRICS_DIR / f"index_{which}.json")
     click.echo(f"index {which}: {stats}")

@@ -5,12 +5,14 @@ import shutil
 import click
 
 from retrieval.dataset import load_beir
+from retrieval.encoding import using_encoding
 from retrieval.io import atomic_dir, write_json
 from retrieval.models import FAMILIES, get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
 from .common import (CHECKPOINTS, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES,
                      load_params, params_option, raw_dir, read_jsonl, section)
+from .encoding import encoding_for
 
 TRAIN_CURVES = METRICS_DIR / "train"
 # Settings under `train` shared by every family (dvc.yaml's train stage lists each); the seed is the top-level one.
@@ -91,7 +93,13 @@ def baseline_validation_run(family, config: dict, data: TrainingData, corpus_siz
     if len(data.val_corpus) != corpus_size or not info_path.is_file():
         return None
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    if info.get("kind", "flat") != "flat" or (info.get("encoder_identity") or {}).get("precision") != data.precision:
+    identity = info.get("encoder_identity") or {}
+    backend = identity.get("backend") or {"backend": "torch"}
+    encoding = data.encoding
+    same_encoding = identity.get("precision") == data.precision and (
+        (backend["backend"], backend.get("quantize", "none")) == ((encoding.backend, encoding.quantize)
+                                                                  if encoding is not None else ("torch", "none")))
+    if info.get("kind", "flat") != "flat" or not same_encoding:
         return None
     hits = family.search(INDEX_DIRS["baseline"], data.val_queries, 100, config)
     return {qid: dict(doc_hits) for qid, doc_hits in hits.items()}
@@ -124,16 +132,18 @@ def command(params_path: str) -> None:
     from transformers.integrations import DVCLiveCallback
 
     from retrieval.identity import loaded_with_identity, summary as identity_summary
-    from retrieval.precision import resolve_precision
 
     dataset = load_beir(raw_dir(params))
+    encoding = encoding_for(params, family_name)
     data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"),
-                         validation_corpus=settings.validation_corpus, seed=settings.seed,
-                         precision=resolve_precision(str(section(params, "encode", "precision"))))
+                         validation_corpus=settings.validation_corpus, seed=settings.seed, precision=encoding.precision)
+    data.encoding = encoding
     if not data.val_qrels:
         raise click.ClickException("no validation queries with positives: the train stage selects on validation "
                                    "(check split.val_fraction and the mine stage's data/negatives/val.jsonl)")
-    data.base_run = baseline_validation_run(family, section(params, "models", family_name), data, len(dataset.corpus))
+    with using_encoding(encoding):
+        data.base_run = baseline_validation_run(family, section(params, "models", family_name), data,
+                                                len(dataset.corpus))
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):
             raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "

@@ -188,6 +188,8 @@ def test_identity_summary_is_flat_for_metrics_files():
     record = {"precision": "bf16", "models": [{"ref": SPLADE_ID, "source": "packaged", "sha256": "96e1dd8dbbc8ff",
                                                "stand_in": "small SPLADE"}]}
     assert identity.summary(record) == {"source": "packaged", "stand_in": 1, "precision": "bf16",
-                                        "models": "naver/splade-v3@96e1dd8dbbc8"}
+                                        "backend": "torch", "models": "naver/splade-v3@96e1dd8dbbc8"}
+    exported = {**record, "backend": {"backend": "onnx", "quantize": "int8", "variant": "int8-avx2"}}
+    assert identity.summary(exported)["backend"] == "onnx int8-avx2"
     _, recorded = loaded_with_identity(lambda: None)
     assert identity.summary(recorded)["source"] == "none"

@@ -13,6 +13,10 @@ FAMILIES: dict[str, str] = {
     "splade": "retrieval.models.splade",
 }
 
+# Families whose index encoder can run on an ONNX / OpenVINO export (retrieval.encoding); here rather than in the
+# family modules so that the export stage does not load (and depend on) a family's code.
+EXPORTABLE_FAMILIES = frozenset({"dense"})
+
 
 def get_family(name: str) -> ModuleType:
     if name not in FAMILIES:

@@ -43,6 +43,9 @@ class TrainSettings:
     selection: str = "validation"
     # Validation retrieves over "all" of the corpus, or over a seeded sample of this many documents.
     validation_corpus: str | int = "all"
+    # Autocast precision of the training steps (weights and optimizer state stay fp32): "auto" is bf16 where the
+    # CPU or GPU computes it natively (a step costs ~0.6x fp32 on an avx512_bf16 CPU), else fp32.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -57,6 +60,9 @@ class TrainingData:
     val_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
     # Inference precision of the validation passes (the index stages' encode.precision, resolved).
     precision: str = "fp32"
+    # The index stages' encoding (retrieval.encoding.Encoding; None: torch in ``precision``): a family that can
+    # encode through an export validates through one, so that validation scores what will be indexed.
+    encoding: object | None = None
     # The base model's validation run {qid: {doc: score}} when already computed (the baseline index searched with
     # the validation queries); None: validation runs the base model itself.
     base_run: dict | None = None

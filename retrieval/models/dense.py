@@ -12,7 +12,10 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import resolve_model
-from ..identity import index_precision, load_for_index, loaded_with_identity
+from ..backends import backend_record, load_sentence_transformer
+from ..embedding_cache import cached_embeddings
+from ..encoding import Encoding, current_encoding, index_encoding
+from ..identity import check_same_backend, index_precision, load_for_index, loaded_with_identity
 from ..precision import inference_precision
 from .base import TrainingData, TrainSettings, with_family_overrides
 from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns
@@ -23,12 +26,69 @@ DISTILLABLE = True
 
 
 def load(model_ref: str, config: Mapping | None = None):
+    """The PyTorch model (what training updates)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_model(model_ref), device=(config or {}).get("device"))
     if config and config.get("max_seq_length"):
         model.max_seq_length = int(config["max_seq_length"])
     return model
+
+
+def load_encoder(model_ref: str, config: Mapping | None = None, encoding: Encoding | None = None):
+    """The model as the index and search encode with it: PyTorch, or its (cached) export for ``encoding``."""
+    encoding = encoding or current_encoding()
+    if not encoding.exported:
+        return load(model_ref, config)
+    return _load_export(resolve_model(model_ref), config, encoding)
+
+
+def _load_export(folder: str, config: Mapping | None, encoding: Encoding):
+    model = load_sentence_transformer(folder, backend=encoding.backend, quantize=encoding.quantize,
+                                      search_dirs=encoding.export_dirs)
+    if config and config.get("max_seq_length"):
+        model.max_seq_length = int(config["max_seq_length"])
+    return model
+
+
+def encoder_record(model) -> dict | None:
+    """What an exported encoder computes with (for the index record and the embedding cache); None for torch."""
+    try:
+        record = backend_record(model)
+    except ValueError:
+        return None
+    if record["backend"] == "torch":
+        return None
+    return {key: record[key] for key in ("backend", "quantize", "variant", "file", "sha256")}
+
+
+def _cache_key(model, batch_size: int) -> dict | None:
+    record = encoder_record(model)
+    return None if record is None else {**record, "max_seq_length": int(model.max_seq_length),
+                                        "normalize": _normalizes(model), "batch_size": batch_size}
+
+
+def encode_documents(model, documents: list[Mapping], *, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Document vectors; an exported encoder's are stored in (and read from) the embedding cache."""
+    return cached_embeddings(_cache_key(model, batch_size), [doc_text(d) for d in documents],
+                             lambda texts: encode(model, texts, batch_size=batch_size, progress=progress))
+
+
+class ExportedSnapshot:
+    """``prepare`` for validation with an exported encoding: the model in training is saved, exported and loaded as
+    the index stage loads the fine-tuned model, so validation scores what will be indexed and its corpus
+    embeddings (cached) are the index's. The export costs seconds; encoding on it is what it saves."""
+
+    def __init__(self, config: Mapping, encoding: Encoding, workdir: str | os.PathLike) -> None:
+        self.config, self.encoding, self.workdir = dict(config), encoding, Path(workdir)
+
+    def __call__(self, model):
+        snapshot = self.workdir / "validation-snapshot"
+        model.save_pretrained(str(snapshot))
+        # not through resolve_model: the snapshot is scratch, not part of the trained model's lineage
+        exported = _load_export(str(snapshot), self.config, self.encoding)
+        exported.max_seq_length = model.max_seq_length
+        return exported
 
 
 def _normalizes(model) -> bool:
@@ -50,9 +110,12 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     set_seed(settings.seed)
     model = load(config["base_model"], config)
     batch_size = int(config.get("encode_batch_size", 64))
+    encoding = data.encoding
+    prepare = ExportedSnapshot(config, encoding, checkpoint_dir) if encoding is not None and encoding.exported \
+        else None
     # encode() normalises for cosine models, so the dot product of its vectors is the model's similarity.
     validator = vector_validator(data, lambda m, texts: encode(m, texts, batch_size=batch_size, progress=False),
-                                 lambda m, docs: encode(m, [doc_text(d) for d in docs], batch_size=batch_size))
+                                 lambda m, docs: encode_documents(m, docs, batch_size=batch_size), prepare=prepare)
     if settings.distill:
         from sentence_transformers import util
         from sentence_transformers.losses import MarginMSELoss
@@ -69,9 +132,10 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
 
 
 def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.PathLike, config: Mapping) -> dict:
-    model, identity = loaded_with_identity(lambda: load(model_ref, config))
+    model, identity = loaded_with_identity(lambda: load_encoder(model_ref, config))
+    identity["backend"] = encoder_record(model) or {"backend": "torch"}
     doc_ids = list(corpus)
-    embeddings = encode(model, [doc_text(corpus[d]) for d in doc_ids], batch_size=int(config.get("encode_batch_size", 64)))
+    embeddings = encode_documents(model, [corpus[d] for d in doc_ids], batch_size=int(config.get("encode_batch_size", 64)))
     faiss_config = config.get("faiss", {}) or {}
     kind = faiss_config.get("kind", "flat")
     index = build_faiss_index(embeddings, kind, **{k: v for k, v in faiss_config.items() if k in
@@ -86,7 +150,9 @@ def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, con
     faiss_config = config.get("faiss", {}) or {}
     searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in ("hnsw_ef_search", "ivf_nprobe")})
     info = read_index_info(index_dir)
-    model = load_for_index(lambda: load(info["encoder"], config), info, f"index {index_dir}")
+    model = load_for_index(lambda: load_encoder(info["encoder"], config, index_encoding(info)), info,
+                           f"index {index_dir}")
+    check_same_backend(info, encoder_record(model) or {"backend": "torch"}, f"index {index_dir}")
     qids = list(queries)
     with inference_precision(index_precision(info)):
         vectors = encode(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))

@@ -131,6 +131,7 @@ def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: T
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
 
+    from ..precision import resolve_precision
     from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
                               score_final_epoch, selection_summary)
 
@@ -166,6 +167,8 @@ def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: T
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=False,
+        # On a CPU the Trainer's bf16 is torch.autocast("cpu", bfloat16) around forward and loss.
+        bf16=resolve_precision(settings.precision) == "bf16",
         **(extra_args or {}),
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=validator,

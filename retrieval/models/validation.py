@@ -118,14 +118,18 @@ def top_k_run(scores: np.ndarray, doc_ids: list[str], qids: list[str], k: int = 
 
 def dense_search(encode_queries: Callable[[object, list[str]], np.ndarray],
                  encode_documents: Callable[[object, list], np.ndarray], queries: Mapping[str, str],
-                 documents: Mapping[str, object], *, similarity: str = "dot", k: int = DEPTH):
+                 documents: Mapping[str, object], *, similarity: str = "dot", k: int = DEPTH,
+                 prepare: Callable[[object], object] | None = None):
     """``search(model)`` for a vector family: exact scores of every query against every validation document.
-    ``similarity`` is dot (vectors as encoded, e.g. already normalised for cosine), cosine, or l2 (``-||q - d||``)."""
+    ``similarity`` is dot (vectors as encoded, e.g. already normalised for cosine), cosine, or l2 (``-||q - d||``).
+    ``prepare(model)``, when given, turns the model in training into the encoder both encode functions receive
+    (e.g. its export, so that validation encodes exactly as the index stage will)."""
     qids, doc_ids = list(queries), list(documents)
 
     def search(model) -> Run:
-        q = np.asarray(encode_queries(model, [queries[qid] for qid in qids]), dtype=np.float32)
-        d = np.asarray(encode_documents(model, [documents[doc] for doc in doc_ids]), dtype=np.float32)
+        encoder = prepare(model) if prepare is not None else model
+        q = np.asarray(encode_queries(encoder, [queries[qid] for qid in qids]), dtype=np.float32)
+        d = np.asarray(encode_documents(encoder, [documents[doc] for doc in doc_ids]), dtype=np.float32)
         if similarity == "cosine":
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
             d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
@@ -140,14 +144,17 @@ def dense_search(encode_queries: Callable[[object, list[str]], np.ndarray],
 
 
 def vector_validator(data, encode_queries: Callable[[object, list[str]], np.ndarray],
-                     encode_documents: Callable[[object, list], np.ndarray], *, similarity: str = "dot"
-                     ) -> RetrievalValidator:
+                     encode_documents: Callable[[object, list], np.ndarray], *, similarity: str = "dot",
+                     prepare: Callable[[object], object] | None = None) -> RetrievalValidator:
     """The validator of a vector family, from ``TrainingData``'s validation queries, corpus and qrels."""
     return RetrievalValidator(dense_search(encode_queries, encode_documents, data.val_queries, data.val_corpus,
-                                           similarity=similarity), data.val_qrels, precision=data.precision,
-                              base_run=data.base_run, task=validation_task(data))
+                                           similarity=similarity, prepare=prepare), data.val_qrels,
+                              precision=data.precision, base_run=data.base_run, task=validation_task(data))
 
 
 def validation_task(data) -> dict:
-    """The validation queries and document ids of ``TrainingData`` (see ``RetrievalValidator.task``)."""
-    return {"queries": dict(data.val_queries), "documents": sorted(data.val_corpus)}
+    """The validation queries and document ids of ``TrainingData`` and the encoding backend (see
+    ``RetrievalValidator.task``)."""
+    encoding = getattr(data, "encoding", None)
+    return {"queries": dict(data.val_queries), "documents": sorted(data.val_corpus),
+            **({"encoding": encoding.describe()} if encoding is not None and encoding.exported else {})}

@@ -1,0 +1,17 @@
+"""The params ``encode`` section as the index, train, export and evaluate stages use it."""
+
+import click
+
+from retrieval.encoding import Encoding, encoding_from_params
+from retrieval.models import EXPORTABLE_FAMILIES
+
+from .common import BASELINE_EXPORTS, section
+
+
+def encoding_for(params: dict, family_name: str) -> Encoding:
+    """params ``encode`` resolved for the family (the export stage's output searched for ready exports)."""
+    try:
+        return encoding_from_params(section(params, "encode"), exportable=family_name in EXPORTABLE_FAMILIES,
+                                    export_dirs=(BASELINE_EXPORTS,))
+    except ValueError as error:
+        raise click.ClickException(f"params.yaml {error}") from None
