@@ -153,3 +153,30 @@ def test_validation_encodes_through_the_export_the_finetuned_index_reuses(tiny, 
     ndcg = per_query(data.val_qrels, run, "ndcg_at_10")
     kept_epoch = int(summary["kept"].split()[-1])
     assert sum(ndcg.values()) / len(ndcg) == pytest.approx(summary["val_ndcg_at_10_epochs"][kept_epoch - 1], abs=1e-9)
+
+
+def test_training_precision_becomes_cpu_autocast_arguments_only_for_bf16():
+    from retrieval.models.st_training import trainer_precision_args
+
+    assert trainer_precision_args("fp32") == {}
+    expected = {"bf16": True} if torch.cuda.is_available() else {"bf16": True, "use_cpu": True}
+    assert trainer_precision_args("bf16") == expected
+
+
+def test_a_bf16_training_run_trains_and_keeps_fp32_weights(tiny, tmp_path):
+    dataset = tiny["dataset"]
+    config = {**tiny["config"], "base_model": str(tiny["model"])}
+    train_qrels = dataset.qrels["train"]
+    examples = [{"query": dataset.queries[q]["text"], "positive": dataset.corpus[d], "negatives": []}
+                for q, docs in train_qrels.items() for d in docs]
+    val = list(train_qrels)[:8]
+    data = TrainingData(examples, val_queries={q: dataset.queries[q]["text"] for q in val}, val_corpus=dataset.corpus,
+                        val_qrels={q: train_qrels[q] for q in val})
+    settings = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0, negatives_per_query=0,
+                             selection="trained", precision="bf16")
+    summary = dense.train(config, data, tmp_path / "out", settings, checkpoint_dir=tmp_path / "ckpt")
+    assert summary["steps"] == -(-len(examples) // 8) and summary["kept"] == "epoch 1"
+    trained, base = dense.load(str(tmp_path / "out")), dense.load(str(tiny["model"]))
+    weights = dict(trained.named_parameters())
+    assert all(p.dtype == torch.float32 for p in weights.values())
+    assert any(not torch.equal(p, weights[name]) for name, p in base.named_parameters())

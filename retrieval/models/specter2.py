@@ -401,7 +401,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     kept, step checkpoints keyed on the rows' hash) around the transformers Trainer and SPECTER2's own loss."""
     from transformers import TrainingArguments, set_seed
 
-    from ..precision import resolve_precision
+    from .st_training import trainer_precision_args
 
     from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
                               score_final_epoch, selection_summary)
@@ -443,7 +443,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         disable_tqdm=False,
         remove_unused_columns=False,
         dataloader_pin_memory=False,
-        bf16=resolve_precision(settings.precision) == "bf16",  # as st_training.fit: autocast, fp32 weights
+        **trainer_precision_args(settings.precision),
     )
     trainer = _trainer_class()(
         model=_TrainingModule(loss), args=args, train_dataset=rows, eval_dataset=list(data.val_queries),
