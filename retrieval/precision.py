@@ -57,3 +57,14 @@ def inference_precision(precision: str = "fp32"):
             yield
     finally:
         _current.reset(token)
+
+
+def trainer_precision_args(precision: str) -> dict:
+    """Hugging Face TrainingArguments for a training precision: bf16 autocast (weights and optimizer state stay
+    fp32) when ``precision`` resolves to bf16. On a CPU the Trainer's bf16 is torch.autocast("cpu", bfloat16), which
+    it only applies when told ``use_cpu`` (otherwise it asks for a bf16 GPU)."""
+    if resolve_precision(precision) != "bf16":
+        return {}
+    import torch
+
+    return {"bf16": True, **({} if torch.cuda.is_available() else {"use_cpu": True})}

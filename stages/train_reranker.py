@@ -51,7 +51,7 @@ def command(params_path: str) -> None:
         negatives_per_positive=int(train["negatives_per_positive"]), group_size=int(train["group_size"]),
         epochs=int(train["epochs"]), batch_size=int(train["batch_size"]), lr=float(train["learning_rate"]),
         seed=int(params.get("seed", 42)), val_rows=val_rows or None, checkpoint_dir=RERANKER_CHECKPOINTS,
-        checkpoint_steps=int(train["checkpoint_steps"]), selection=selection)
+        checkpoint_steps=int(train["checkpoint_steps"]), selection=selection, precision=str(train["precision"]))
     # The model is saved (and DVC caches it): nothing is left to resume, and a finished run's last checkpoint would
     # otherwise make a rerun "resume" with no steps to run.
     shutil.rmtree(RERANKER_CHECKPOINTS, ignore_errors=True)

@@ -156,7 +156,7 @@ def test_validation_encodes_through_the_export_the_finetuned_index_reuses(tiny, 
 
 
 def test_training_precision_becomes_cpu_autocast_arguments_only_for_bf16():
-    from retrieval.models.st_training import trainer_precision_args
+    from retrieval.precision import trainer_precision_args
 
     assert trainer_precision_args("fp32") == {}
     expected = {"bf16": True} if torch.cuda.is_available() else {"bf16": True, "use_cpu": True}

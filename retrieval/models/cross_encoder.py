@@ -111,7 +111,8 @@ def _listwise_dataset(train_rows: list[dict], group_size: int) -> dict[str, list
 def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *, loss: str = "bce",
                         negatives_per_positive: int = 2, group_size: int = 4, epochs: int = 1, batch_size: int = 16,
                         lr: float = 2e-5, seed: int = 42, val_rows: list[dict] | None = None, callbacks=None,
-                        checkpoint_dir=None, checkpoint_steps: int = 20, selection: str = "validation") -> dict:
+                        checkpoint_dir=None, checkpoint_steps: int = 20, selection: str = "validation",
+                        precision: str = "fp32") -> dict:
     """Fine-tune on ``{"query", "positives": [text], "negatives": [text, in BM25 rank order]}`` rows; save to out_dir.
 
     ``loss="bce"``: (query, positive, 1) and (query, negative, 0) pairs, ``negatives_per_positive`` negatives per
@@ -124,7 +125,8 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
     (``model`` itself is trained in place: it is the last model, not necessarily the saved one.)
     A full checkpoint (optimizer state included) every ``checkpoint_steps`` steps in ``checkpoint_dir`` lets an
     interrupted run resume, but only one made by the same settings and the very same training examples; without
-    ``checkpoint_dir`` a temporary folder is used and nothing resumes.
+    ``checkpoint_dir`` a temporary folder is used and nothing resumes. ``precision``: of the training steps (auto:
+    bf16 autocast where native, see ``retrieval.precision.trainer_precision_args``); validation stays fp32.
     Returns a summary: loss, examples, steps, mean train loss, whether it resumed, and what validation chose
     (``val_ndcg_at_10_base``, ``_epochs``, ``_best``, ``kept``: "base" | "epoch N" | "last", ``kept_base``).
     """
@@ -133,6 +135,7 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
+    from ..precision import trainer_precision_args
     from .base import whole_run_training_loss
     from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
                               score_final_epoch, selection_summary)
@@ -171,7 +174,8 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
         fingerprint = {"config": {"loss": loss, "negatives_per_positive": negatives_per_positive,
                                   "group_size": group_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                                   "seed": seed, "base_model": model.model.name_or_path,
-                                  "max_length": model.max_seq_length, "selection": selection},
+                                  "max_length": model.max_seq_length, "selection": selection,
+                                  "precision": precision},
                        "rows": rows_fingerprint(columns),
                        "validation": rows_fingerprint({key: [s[key] for s in samples] for key in SAMPLE_KEYS})
                        if evaluator else None}
@@ -189,7 +193,7 @@ def train_cross_encoder(model: CrossEncoder, train_rows: list[dict], out_dir, *,
             # Full checkpoints (optimizer, scheduler and RNG state too) so that a resumed run goes on as if never
             # stopped; only the latest is kept, KeepBest keeps the best model beside it.
             save_strategy="steps", save_steps=int(checkpoint_steps), save_total_limit=1,
-            load_best_model_at_end=False)
+            load_best_model_at_end=False, **trainer_precision_args(precision))
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss_fn,
                                       evaluator=evaluator, callbacks=[*(callbacks or ()), keeper])
         result = trainer.train(resume_from_checkpoint=True if resumable else None)

@@ -401,7 +401,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     kept, step checkpoints keyed on the rows' hash) around the transformers Trainer and SPECTER2's own loss."""
     from transformers import TrainingArguments, set_seed
 
-    from .st_training import trainer_precision_args
+    from ..precision import trainer_precision_args
 
     from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
                               score_final_epoch, selection_summary)

@@ -117,19 +117,6 @@ def calibrated_mnrl_scale(score_batches, *, low: float = 1e-3, high: float = 1e3
     return math.exp((a + b) / 2)
 
 
-def trainer_precision_args(precision: str) -> dict:
-    """TrainingArguments for ``train.precision``: bf16 autocast (weights and optimizer state stay fp32) where the
-    hardware has native bf16. On a CPU the Trainer's bf16 is torch.autocast("cpu", bfloat16), which it only applies
-    when told ``use_cpu`` (otherwise it asks for a bf16 GPU)."""
-    import torch
-
-    from ..precision import resolve_precision
-
-    if resolve_precision(precision) != "bf16":
-        return {}
-    return {"bf16": True, **({} if torch.cuda.is_available() else {"use_cpu": True})}
-
-
 def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: TrainSettings, *,
         config: dict, out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, callbacks=(),
         trainer_cls=None, args_cls=None, extra_args: dict | None = None) -> dict:
@@ -144,6 +131,7 @@ def fit(model, loss, train_columns: dict[str, list[str]], validator, settings: T
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.training_args import BatchSamplers
 
+    from ..precision import trainer_precision_args
     from .checkpoints import (KeepBest, check_selection, prepare_checkpoint_dir, rows_fingerprint, save_kept_model,
                               score_final_epoch, selection_summary)
 
