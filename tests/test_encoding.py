@@ -163,7 +163,7 @@ def test_training_precision_becomes_cpu_autocast_arguments_only_for_bf16():
     assert trainer_precision_args("bf16") == expected
 
 
-def test_a_bf16_training_run_trains_and_keeps_fp32_weights(tiny, tmp_path):
+def test_a_bf16_training_run_trains_and_keeps_fp32_weights(tiny, tmp_path, monkeypatch):
     dataset = tiny["dataset"]
     config = {**tiny["config"], "base_model": str(tiny["model"])}
     train_qrels = dataset.qrels["train"]
@@ -174,6 +174,9 @@ def test_a_bf16_training_run_trains_and_keeps_fp32_weights(tiny, tmp_path):
                         val_qrels={q: train_qrels[q] for q in val})
     settings = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0, negatives_per_query=0,
                              selection="trained", precision="bf16")
+    # TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION=bf16 in the process environment, which every
+    # later Trainer in the process would inherit (a stage trains once per process; tests share one)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     summary = dense.train(config, data, tmp_path / "out", settings, checkpoint_dir=tmp_path / "ckpt")
     assert summary["steps"] == -(-len(examples) // 8) and summary["kept"] == "epoch 1"
     trained, base = dense.load(str(tmp_path / "out")), dense.load(str(tiny["model"]))
