@@ -128,15 +128,19 @@ def test_an_index_is_not_searched_with_another_export(tiny, tmp_path):
         dense.search(index, {"q": "some words"}, 5, config)
 
 
-def test_validation_encodes_through_the_export_the_finetuned_index_reuses(tiny, tmp_path):
-    dataset = tiny["dataset"]
-    config = {**tiny["config"], "base_model": str(tiny["model"])}
+def tiny_training_data(dataset, encoding: Encoding | None = None) -> TrainingData:
+    """Every (training query, judged document) as a row without hard negatives; 8 of the queries validate."""
     train_qrels = dataset.qrels["train"]
     examples = [{"query": dataset.queries[q]["text"], "positive": dataset.corpus[d], "negatives": []}
                 for q, docs in train_qrels.items() for d in docs]
     val = list(train_qrels)[:8]
-    data = TrainingData(examples, val_queries={q: dataset.queries[q]["text"] for q in val}, val_corpus=dataset.corpus,
-                        val_qrels={q: train_qrels[q] for q in val}, encoding=ONNX_INT8)
+    return TrainingData(examples, val_queries={q: dataset.queries[q]["text"] for q in val}, val_corpus=dataset.corpus,
+                        val_qrels={q: train_qrels[q] for q in val}, encoding=encoding)
+
+
+def test_validation_encodes_through_the_export_the_finetuned_index_reuses(tiny, tmp_path):
+    dataset, config = tiny["dataset"], {**tiny["config"], "base_model": str(tiny["model"])}
+    data = tiny_training_data(dataset, encoding=ONNX_INT8)
     settings = TrainSettings(epochs=2, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0, negatives_per_query=0,
                              selection="trained")
     summary = dense.train(config, data, tmp_path / "out", settings, checkpoint_dir=tmp_path / "ckpt")
@@ -164,14 +168,9 @@ def test_training_precision_becomes_cpu_autocast_arguments_only_for_bf16():
 
 
 def test_a_bf16_training_run_trains_and_keeps_fp32_weights(tiny, tmp_path, monkeypatch):
-    dataset = tiny["dataset"]
     config = {**tiny["config"], "base_model": str(tiny["model"])}
-    train_qrels = dataset.qrels["train"]
-    examples = [{"query": dataset.queries[q]["text"], "positive": dataset.corpus[d], "negatives": []}
-                for q, docs in train_qrels.items() for d in docs]
-    val = list(train_qrels)[:8]
-    data = TrainingData(examples, val_queries={q: dataset.queries[q]["text"] for q in val}, val_corpus=dataset.corpus,
-                        val_qrels={q: train_qrels[q] for q in val})
+    data = tiny_training_data(tiny["dataset"])
+    examples = data.examples
     settings = TrainSettings(epochs=1, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0, negatives_per_query=0,
                              selection="trained", precision="bf16")
     # TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION=bf16 in the process environment, which every
