@@ -108,25 +108,19 @@ def _files_digest(folder: Path, files: list[str]) -> str:
     return digest.hexdigest()
 
 
-def export_name(path: str, *, backend: str, quantize: str = "none") -> str:
-    """The folder name of the export of the model at ``path``: ``<backend>-<variant>-<weights sha256 prefix>``."""
-    variant = export_variant(backend, quantize)
-    if backend == "torch":
-        raise ValueError("the torch backend loads the model folder itself: there is nothing to export")
-    weights = weights_digest(_model_folder(path))
-    if weights is None:
-        raise ValueError(f"{_model_folder(path)}: no weight files (*.safetensors, *.bin) to export")
-    return f"{backend}-{variant}-{weights[:16]}"
-
-
 def export_folder(path: str, *, backend: str, quantize: str = "none", cache_dir: Path | None = None,
                   search_dirs: tuple[Path, ...] = ()) -> Path:
     """The export folder of the model at ``path`` for (backend, quantize), exporting it into ``cache_dir`` first
-    unless it is there or in one of ``search_dirs`` (read-only folders of ready exports, e.g. a DVC output)."""
+    unless it is there or in one of ``search_dirs`` (read-only folders of ready exports, e.g. a DVC output).
+    Its name is ``<backend>-<variant>-<weights sha256 prefix>``."""
     variant = export_variant(backend, quantize)
-    name = export_name(path, backend=backend, quantize=quantize)
+    if backend == "torch":
+        raise ValueError("the torch backend loads the model folder itself: there is nothing to export")
     source = _model_folder(path)
     weights = weights_digest(source)
+    if weights is None:
+        raise ValueError(f"{source}: no weight files (*.safetensors, *.bin) to export")
+    name = f"{backend}-{variant}-{weights[:16]}"
     for folder in (*search_dirs, Path(cache_dir or default_cache_dir())):
         record = _read_record(folder / name)
         if record is not None and record.get("format") == EXPORT_FORMAT and record.get("weights_sha256") == weights:

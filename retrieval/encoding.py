@@ -27,8 +27,9 @@ SETTINGS = ("precision", "backend", "quantize")
 @dataclass(frozen=True)
 class Encoding:
     """Resolved encoding settings: ``backend`` torch | onnx | openvino, ``quantize`` none | int8 (exports only),
-    ``precision`` fp32 | bf16 (torch autocast; fp32 for exports, which run in their own), and ``export_dirs``: folders holding ready exports (a DVC output)
-    that are searched before the user cache, which is where new exports are written."""
+    ``precision`` fp32 | bf16 (torch autocast; fp32 for exports, which run in their own), and ``export_dirs``:
+    folders holding ready exports (a DVC output) that are searched before the user cache, which is where new exports
+    are written."""
 
     backend: str = "torch"
     quantize: str = "none"

@@ -5,7 +5,7 @@ import shutil
 import click
 
 from retrieval.dataset import load_beir
-from retrieval.encoding import using_encoding
+from retrieval.encoding import Encoding, index_encoding, using_encoding
 from retrieval.io import atomic_dir, write_json
 from retrieval.models import FAMILIES, get_family
 from retrieval.models.base import TrainingData, TrainSettings
@@ -93,12 +93,9 @@ def baseline_validation_run(family, config: dict, data: TrainingData, corpus_siz
     if len(data.val_corpus) != corpus_size or not info_path.is_file():
         return None
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    identity = info.get("encoder_identity") or {}
-    backend = identity.get("backend") or {"backend": "torch"}
-    encoding = data.encoding
-    same_encoding = identity.get("precision") == data.precision and (
-        (backend["backend"], backend.get("quantize", "none")) == ((encoding.backend, encoding.quantize)
-                                                                  if encoding is not None else ("torch", "none")))
+    built, validating = index_encoding(info), data.encoding or Encoding(precision=data.precision)
+    same_encoding = (built.backend, built.quantize, built.precision) == (validating.backend, validating.quantize,
+                                                                          data.precision)
     if info.get("kind", "flat") != "flat" or not same_encoding:
         return None
     hits = family.search(INDEX_DIRS["baseline"], data.val_queries, 100, config)
