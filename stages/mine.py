@@ -5,9 +5,33 @@ import click
 from retrieval.bm25 import BM25Searcher, build_bm25_index
 from retrieval.dataset import load_beir, read_qrels
 from retrieval.io import write_json, write_jsonl, atomic_dir
-from retrieval.mining import mine_negatives
+from retrieval.mining import METHODS, DenseFilters, dense_negatives, interleave_negatives, mine_negatives
 
 from .common import BM25_INDEX, METRICS_DIR, NEGATIVES_DIR, SPLIT_DIR, load_params, params_option, raw_dir, read_formatted_queries, section
+
+
+class DenseMiner:
+    """The dense family's base model (params ``models.dense``) on the ``encode`` backend. Its corpus vectors go
+    through the embedding cache with the same key as index_baseline's, so a dense run encodes the corpus once."""
+
+    def __init__(self, params: dict, corpus: dict) -> None:
+        from retrieval.encoding import encoding_from_params
+        from retrieval.models import dense
+
+        config = section(params, "models", "dense")
+        try:
+            encoding = encoding_from_params(section(params, "encode"), exportable=True)
+        except ValueError as error:
+            raise click.ClickException(f"params.yaml {error}") from None
+        self.dense, self.batch_size = dense, int(config.get("encode_batch_size", 64))  # as build_index: one cache key
+        self.model = dense.load_encoder(str(config["base_model"]), config, encoding)
+        self.doc_ids = list(corpus)
+        click.echo(f"mine: encoding {len(self.doc_ids)} documents with {config['base_model']} ({encoding.describe()})")
+        self.doc_vectors = dense.encode_documents(self.model, [corpus[d] for d in self.doc_ids],
+                                                  batch_size=self.batch_size)
+
+    def query_vectors(self, texts: list[str]):
+        return self.dense.encode(self.model, texts, batch_size=self.batch_size, progress=False)
 
 
 @click.command("mine")
@@ -16,10 +40,19 @@ def command(params_path: str) -> None:
     """Index the corpus with BM25 (kept for evaluation) and write hard negatives per query."""
     params = load_params(params_path)
     mine, bm25 = section(params, "mine"), section(params, "bm25")
+    method = str(mine.get("method", "bm25"))
+    if method not in METHODS:
+        raise click.ClickException(f"params.yaml mine.method: unknown value {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        filters = DenseFilters.from_params(mine.get("dense"))
+    except ValueError as error:
+        raise click.ClickException(f"params.yaml {error}") from None
+    count, sample, seed = int(mine["count"]), bool(mine.get("sample", False)), int(params.get("seed", 42))
     dataset = load_beir(raw_dir(params))
     queries = read_formatted_queries()
     build_bm25_index(dataset.corpus, BM25_INDEX, threads=int(mine.get("threads", 2)))
     searcher = BM25Searcher(BM25_INDEX, k1=float(bm25["k1"]), b=float(bm25["b"]))
+    miner = DenseMiner(params, dataset.corpus) if method != "bm25" else None
     stats = {}
     with atomic_dir(NEGATIVES_DIR) as tmp:
         for split in ("train", "val"):
@@ -29,12 +62,23 @@ def command(params_path: str) -> None:
             results = searcher.batch_search([texts[q] for q in qids], qids, k=int(mine["depth"]),
                                             threads=int(mine.get("threads", 2)))
             records = mine_negatives(results, qrels, texts, rank_start=int(mine["rank_start"]),
-                                     rank_end=int(mine["rank_end"]), count=int(mine["count"]),
-                                     sample=bool(mine.get("sample", False)), seed=int(params.get("seed", 42)))
+                                     rank_end=int(mine["rank_end"]), count=count, sample=sample, seed=seed)
+            split_stats = {}
+            if miner is not None:
+                dense_records, split_stats["dense"] = dense_negatives(
+                    miner.query_vectors([texts[q] for q in qids]), qids, miner.doc_vectors, miner.doc_ids, qrels,
+                    texts, filters=filters, count=count, sample=sample, seed=seed)
+                records = dense_records if method == "dense" else interleave_negatives(dense_records, records, count)
+            if records and not any(r["negatives"] for r in records):
+                # training would fail later, and less clearly (the validators need a negative per query)
+                raise click.ClickException(
+                    f"mine: no {split} query kept a hard negative with mine.method {method} ({split_stats or 'bm25'});"
+                    " widen mine.rank_end or loosen mine.dense (relative_margin, absolute_margin, max_score)")
             write_jsonl(records, tmp / f"{split}.jsonl")
             stats[split] = {
                 "queries": len(records),
                 "avg_negatives": sum(len(r["negatives"]) for r in records) / max(1, len(records)),
+                **split_stats,
             }
-    write_json({"bm25_docs": searcher.num_docs, **stats}, METRICS_DIR / "mine.json")
+    write_json({"method": method, "bm25_docs": searcher.num_docs, **stats}, METRICS_DIR / "mine.json")
     click.echo(f"mine: {stats}")
