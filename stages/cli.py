@@ -1,7 +1,8 @@
 """The ``retrieval`` command: one subcommand per DVC stage, each defined in ``stages/<stage>.py``.
 
 ``dvc.yaml`` runs ``retrieval <stage>``; the code behind it is ``stages/<stage>.py`` (thin glue: read params,
-call the ``retrieval`` library, write outputs).
+call the ``retrieval`` library, write outputs). ``TOOLS`` are subcommands that are not stages (they read the
+outputs of a run and write nothing DVC tracks), defined the same way in ``stages/<tool>.py``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ from retrieval.allocator import keep_freed_memory
 from .common import setup_logging
 
 STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "export", "train", "index",
-          "evaluate", "rerank")
+          "evaluate", "generalize", "rerank")
+TOOLS: tuple[str, ...] = ()
+COMMANDS = STAGES + TOOLS
 
 
 class StageGroup(click.Group):
     """Imports a stage's module only when that stage runs, so ``retrieval download`` does not load torch."""
 
     def list_commands(self, ctx):
-        return list(STAGES)
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
-        if name not in STAGES:
+        if name not in COMMANDS:
             return None
         return importlib.import_module(f"stages.{name}").command
 

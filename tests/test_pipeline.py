@@ -28,6 +28,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 def repo(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("pipeline")
     data = write_tiny_dataset(work / "tiny-data")
+    other = write_tiny_dataset(work / "tiny-other", docs_per_topic=4, seed=1)  # the "out-of-domain" collection
     model = write_tiny_bert(work / "tiny-model", corpus_texts(data))
     repo = work / "repo"
     repo.mkdir()
@@ -43,11 +44,13 @@ def repo(tmp_path_factory) -> Path:
     # The tiny BERT body with a fresh one-score head is the reranker to fine-tune.
     params["rerank"].update(enabled=True, base_model=str(model.parent / "bert"), max_length=64, top_k=10, batch_size=16)
     params["rerank"]["train"].update(batch_size=8, learning_rate=1e-3)
+    params["generalize"]["datasets"] = [{"name": "other", "source": "dir", "path": str(other)}]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["git", "config", "user.email", "ci@example.com"], repo)
     run(["git", "config", "user.name", "ci"], repo)
     run(["dvc", "init", "-q"], repo)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the project's own plot templates
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "init"], repo)
     return repo
@@ -123,6 +126,26 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     assert reranked["models"]["baseline_reranker"]["source"] == "local"
     assert reranked["models"]["finetuned_reranker"]["base"] == reranked["models"]["baseline_reranker"]
     assert json.loads((repo / "metrics/train_reranker.json").read_text())["steps"] >= 1
+
+    # generalize: mteb's figures on the test split are evaluate.json's (int8 vectors: same batches, same vectors),
+    # and both systems are compared on the other collection
+    general = json.loads((repo / "metrics/generalize.json").read_text())
+    check = general["test_split_check"]
+    assert check["agrees"] and check["compared"], check
+    for system in ("baseline", "finetuned"):
+        assert check[system]["evaluate"] == report[system]["ndcg_at_10"] and abs(check[system]["difference"]) <= 1e-4
+    assert list(general["datasets"]) == ["tiny (test split)", "other"]
+    other = general["datasets"]["other"]
+    assert other["num_queries"] == 8 and other["num_docs"] == 32 and other["mteb_agrees"] and not other["in_domain"]
+    assert other["delta"] == pytest.approx(other["finetuned"] - other["baseline"])
+    assert other["ci_low"] - 1e-4 <= other["delta"] <= other["ci_high"] + 1e-4 and other["p_value"] >= other["p_unadjusted"]
+    assert len(list((repo / "data/generalize/mteb/results").rglob("local-other.json"))) == 2  # one per system
+    assert json.loads((repo / "metrics/generalize_plot.json").read_text())[-1] == \
+        {"dataset": "other", "system": "finetuned", "ndcg_at_10": other["finetuned"]}
+    plots = run(["dvc", "plots", "show", "metrics/generalize_plot.json", "-o", "plots-html"], repo, env)
+    html = (repo / "plots-html" / "index.html").read_text()
+    assert '"xOffset"' in html and "tiny (test split)" in html, plots  # the grouped-bars template, with the data
+    shutil.rmtree(repo / "plots-html")
 
     assert train["trained"] == 1 and train["steps"] >= 1 and train["train_loss"] > 0
     assert not (repo / "data/checkpoints/dense").exists()  # the model is saved: nothing left to resume
@@ -207,6 +230,11 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         expected_source = "packaged" if family == "splade" else "local+fresh+fresh" if family == "specter2" else "local+local"
         assert report["models"]["baseline"]["source"] == expected_source, report["models"]
         assert report["models"]["baseline"]["stand_in"] == int(family == "splade")
+    general = json.loads((repo / "metrics/generalize.json").read_text())
+    if family == "dpr":  # a two-tower Router model: mteb routes through our embedder's towers
+        assert general["test_split_check"]["agrees"] and general["datasets"]["other"]["mteb_agrees"], general
+    else:
+        assert "has no vector encoder" in general["skipped"], general
     if family == "splade":
         assert report["finetuned_index"]["avg_query_terms"] > 0 and report["finetuned_index"]["index_bytes"] > 0
         # A training-only setting (train.<family>) reruns train and what follows, never the baseline index.

@@ -10,7 +10,10 @@ A family is one module in ``retrieval.models`` exposing:
   model id (the baseline) or the fine-tuned folder;
 - ``search(index_dir, queries, k, config) -> {qid: [(doc_id, score), ...]}`` in pyserini's batch_search shape; it
   records what the encoder resolved to in the index (``retrieval.identity``) and refuses to search with an encoder
-  that resolves to other weights.
+  that resolves to other weights;
+- ``embedder(index_dir, config) -> Embedder`` (optional; the families whose scores are inner products of
+  vectors): the encoder the index was built with, encoding queries and documents exactly as the index and
+  ``search`` do, so other collections can be scored the same way (``retrieval.generalization``).
 
 Training scores the base model and every epoch with retrieval over the validation corpus
 (``retrieval.models.validation``) and saves the best (``retrieval.models.checkpoints.KeepBest``).
@@ -22,6 +25,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """A model's query and document encoders as an index of it encodes them: the inner product of a query's and a
+    document's vectors is the family's score. ``model`` is the ``SentenceTransformer`` behind them (mteb reads its
+    name and similarity from it)."""
+
+    model: Any
+    encode_queries: Callable[[list[str]], Any]  # texts -> float32 array (n, dim)
+    encode_documents: Callable[[Sequence[Mapping]], Any]  # BEIR documents ({"title", "text"}) -> float32 array
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..embedding_cache import cached_embeddings
 from ..encoding import Encoding, current_encoding, index_encoding
 from ..identity import check_same_backend, index_precision, load_for_index, loaded_with_identity
 from ..precision import inference_precision
-from .base import TrainingData, TrainSettings, with_family_overrides
+from .base import Embedder, TrainingData, TrainSettings, with_family_overrides
 from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns
 from .validation import vector_validator
 
@@ -146,14 +146,28 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
             "index_bytes": (Path(index_dir) / "index.faiss").stat().st_size}
 
 
-def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
-    faiss_config = config.get("faiss", {}) or {}
-    searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in ("hnsw_ef_search", "ivf_nprobe")})
+def embedder(index_dir: str | os.PathLike, config: Mapping) -> Embedder:
+    """The encoder ``index_dir`` was built with (checked: same weights and backend), encoding in its precision."""
     info = read_index_info(index_dir)
     model = load_for_index(lambda: load_encoder(info["encoder"], config, index_encoding(info)), info,
                            f"index {index_dir}")
     check_same_backend(info, encoder_record(model) or {"backend": "torch"}, f"index {index_dir}")
+    batch_size, precision = int(config.get("encode_batch_size", 64)), index_precision(info)
+
+    def queries(texts: list[str]) -> np.ndarray:
+        with inference_precision(precision):
+            return encode(model, texts, batch_size=batch_size, progress=False)
+
+    def documents(docs) -> np.ndarray:
+        with inference_precision(precision):
+            return encode_documents(model, list(docs), batch_size=batch_size)
+
+    return Embedder(model=model, encode_queries=queries, encode_documents=documents)
+
+
+def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
+    faiss_config = config.get("faiss", {}) or {}
+    searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in ("hnsw_ef_search", "ivf_nprobe")})
     qids = list(queries)
-    with inference_precision(index_precision(info)):
-        vectors = encode(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
+    vectors = embedder(index_dir, config).encode_queries([queries[q] for q in qids])
     return searcher.batch_search(vectors, qids, k)

@@ -34,7 +34,7 @@ from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, sav
 from ..hub import ModelNotAvailable, resolve_model
 from ..identity import index_precision, load_for_index, loaded_with_identity
 from ..precision import inference_precision
-from .base import TrainingData, TrainSettings, is_unset
+from .base import Embedder, TrainingData, TrainSettings, is_unset
 from .st_training import fit, triplet_columns
 from .validation import vector_validator
 
@@ -200,9 +200,8 @@ def build_index(model_ref: str, corpus: Mapping[str, dict], index_dir: str | os.
             "index_bytes": (Path(index_dir) / "index.faiss").stat().st_size}
 
 
-def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
-    faiss_config = config.get("faiss", {}) or {}
-    searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in FAISS_SEARCH_KEYS})
+def embedder(index_dir: str | os.PathLike, config: Mapping) -> Embedder:
+    """The two towers ``index_dir`` was built with (checked: same weights), encoding in its precision."""
     info = read_index_info(index_dir)
 
     def load_encoder():
@@ -213,7 +212,22 @@ def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, con
                            max_seq_length=int(config.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH))
 
     model = load_for_index(load_encoder, info, f"index {index_dir}")
+    batch_size, precision = int(config.get("encode_batch_size", 64)), index_precision(info)
+
+    def queries(texts: list[str]) -> np.ndarray:
+        with inference_precision(precision):
+            return encode_queries(model, texts, batch_size=batch_size, progress=False)
+
+    def documents(docs) -> np.ndarray:
+        with inference_precision(precision):
+            return encode_passages(model, [doc_text(d) for d in docs], batch_size=batch_size)
+
+    return Embedder(model=model, encode_queries=queries, encode_documents=documents)
+
+
+def search(index_dir: str | os.PathLike, queries: Mapping[str, str], k: int, config: Mapping) -> dict:
+    faiss_config = config.get("faiss", {}) or {}
+    searcher = FaissSearcher(index_dir, **{k_: v for k_, v in faiss_config.items() if k_ in FAISS_SEARCH_KEYS})
     qids = list(queries)
-    with inference_precision(index_precision(info)):
-        vectors = encode_queries(model, [queries[q] for q in qids], batch_size=int(config.get("encode_batch_size", 64)))
+    vectors = embedder(index_dir, config).encode_queries([queries[q] for q in qids])
     return searcher.batch_search(vectors, qids, k)
