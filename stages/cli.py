@@ -17,7 +17,7 @@ from .common import setup_logging
 
 STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "export", "train", "index",
           "evaluate", "generalize", "rerank")
-TOOLS: tuple[str, ...] = ()
+TOOLS = ("report",)
 COMMANDS = STAGES + TOOLS
 
 
