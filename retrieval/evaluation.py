@@ -3,9 +3,11 @@ paired significance tests corrected for multiple comparisons."""
 
 from __future__ import annotations
 
-from typing import Mapping
+import numbers
+from itertools import accumulate
+from typing import Mapping, Sequence
 
-from .metrics import DEFAULT_METRICS, Qrels, Run, per_query
+from .metrics import DEFAULT_METRICS, Qrels, Run, per_query, ranked
 from .significance import bootstrap_ci, holm_adjust, paired_randomization_test, paired_t_test
 
 
@@ -111,3 +113,30 @@ def group_queries(queries: Mapping[str, dict], field: str) -> dict[str, str]:
 def _key(value: str) -> str:
     """A metrics key without dots or spaces (DVC flattens nested keys with dots)."""
     return "".join(c if c.isalnum() or c in "-_+" else "_" for c in value) or "_"
+
+
+RECALL_CUTOFFS = range(1, 101)
+
+
+def recall_curves(qrels: Qrels, runs: Mapping[str, Run], cutoffs: Sequence[int] = RECALL_CUTOFFS
+                  ) -> dict[str, list[float]]:
+    """Mean Recall@k over the queries of the qrels for each k in ``cutoffs``, per system: trec_eval's definition
+    as in retrieval.metrics (a query missing from a run, or without a relevant document, scores 0), summed in the
+    same order, so a point equals ``evaluate(...)["recall_at_k"]`` exactly."""
+    if not qrels:
+        raise ValueError("no queries with relevance judgements: no recall curves")
+    if not cutoffs or any(not isinstance(k, numbers.Integral) or k < 1 for k in cutoffs):
+        raise ValueError(f"recall cutoffs must be integers >= 1, got {list(cutoffs)!r}")
+    qids = sorted(qrels)
+    curves = {}
+    for system, run in runs.items():
+        points = []  # per query, Recall@k for every cutoff
+        for qid in qids:
+            grades = qrels[qid]
+            relevant = sum(1 for g in grades.values() if g > 0)
+            # found[i]: relevant documents among the first i + 1 retrieved
+            found = list(accumulate(int(grades.get(doc, 0) > 0) for doc in ranked(run.get(qid, {}))))
+            points.append([(found[min(k, len(found)) - 1] / relevant) if relevant and found else 0.0
+                              for k in cutoffs])
+        curves[system] = [sum(scores[i] for scores in points) / len(qids) for i in range(len(cutoffs))]
+    return curves

@@ -17,15 +17,14 @@ import numbers
 import os
 import re
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Iterable, Mapping, Sequence
 
 from .io import atomic_path
-from .metrics import Qrels, Run, ranked
+from .evaluation import RECALL_CUTOFFS, recall_curves  # noqa: F401 (recall_curves: part of this module's API)
+from .metrics import Qrels, Run
 
 DEFAULT_THRESHOLD = 0.005
 HEADLINE_METRIC = "ndcg_at_10"
-RECALL_CUTOFFS = range(1, 101)
 
 # A system's entry is a dict of metric means keyed like "ndcg_at_10" (retrieval.metrics' naming).
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9]*_at_[0-9]+")
@@ -238,30 +237,6 @@ def generalization_table(metrics: Mapping, source: str) -> dict[str, dict[str, f
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recall@k from TREC runs
-
-
-def recall_curves(qrels: Qrels, runs: Mapping[str, Run], cutoffs: Sequence[int] = RECALL_CUTOFFS
-                  ) -> dict[str, list[float]]:
-    """Mean Recall@k over the queries of the qrels for each k in ``cutoffs``, per system: trec_eval's definition
-    as in retrieval.metrics (a query missing from a run, or without a relevant document, scores 0), summed in the
-    same order, so a point equals ``evaluate(...)["recall_at_k"]`` exactly."""
-    if not qrels:
-        raise ValueError("no queries with relevance judgements: no recall curves")
-    if not cutoffs or any(not isinstance(k, numbers.Integral) or k < 1 for k in cutoffs):
-        raise ValueError(f"recall cutoffs must be integers >= 1, got {list(cutoffs)!r}")
-    qids = sorted(qrels)
-    curves = {}
-    for system, run in runs.items():
-        per_query = []  # per query, Recall@k for every cutoff
-        for qid in qids:
-            grades = qrels[qid]
-            relevant = sum(1 for g in grades.values() if g > 0)
-            # found[i]: relevant documents among the first i + 1 retrieved
-            found = list(accumulate(int(grades.get(doc, 0) > 0) for doc in ranked(run.get(qid, {}))))
-            per_query.append([(found[min(k, len(found)) - 1] / relevant) if relevant and found else 0.0
-                              for k in cutoffs])
-        curves[system] = [sum(scores[i] for scores in per_query) / len(qids) for i in range(len(cutoffs))]
-    return curves
 
 
 def recall_mismatches(curves: Mapping[str, Sequence[float]], metrics: Mapping | None, source: str, *,

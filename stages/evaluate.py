@@ -9,7 +9,7 @@ import click
 from retrieval.bm25 import BM25Searcher, hits_to_run
 from retrieval.dataset import load_beir, read_qrels
 from retrieval.encoding import using_encoding
-from retrieval.evaluation import breakdown, compare_systems, group_queries
+from retrieval.evaluation import breakdown, compare_systems, group_queries, recall_curves
 from retrieval.fusion import fuse_systems
 from retrieval.io import atomic_dir, write_json
 from retrieval.metrics import DEFAULT_METRICS
@@ -36,6 +36,13 @@ def model_sources() -> dict:
         sources["finetuned"]["base"] = identity_summary(record.get("base"))
         sources["finetuned"]["kept"] = str(record.get("kept"))
     return sources
+
+
+def recall_rows(qrels, runs, depth: int) -> list[dict]:
+    """Recall@k for k = 1..depth per system, as rows for `dvc plots` (one line per system, .dvc/plots/)."""
+    cutoffs = range(1, depth + 1)
+    return [{"system": system, "k": k, "recall": value}
+            for system, curve in recall_curves(qrels, runs, cutoffs).items() for k, value in zip(cutoffs, curve)]
 
 
 @click.command("evaluate")
@@ -89,5 +96,6 @@ def command(params_path: str) -> None:
         for system, run in runs.items():
             write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" or system in hybrids else f"{family_name}-{system}")
     write_json(report, METRICS_DIR / "evaluate.json")
+    write_json(recall_rows(qrels, runs, depth), METRICS_DIR / "recall_at_k.json")
     for system in runs:
         click.echo(f"{system}: " + ", ".join(f"{m}={v:.4f}" for m, v in report[system].items()))

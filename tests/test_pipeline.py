@@ -15,6 +15,7 @@ import yaml
 from tiny import corpus_texts, write_tiny_bert, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = {"bm25", "baseline", "finetuned", "hybrid"}
 pytestmark = pytest.mark.integration
 
 
@@ -145,6 +146,16 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     plots = run(["dvc", "plots", "show", "metrics/generalize_plot.json", "-o", "plots-html"], repo, env)
     html = (repo / "plots-html" / "index.html").read_text()
     assert '"xOffset"' in html and "tiny (test split)" in html, plots  # the grouped-bars template, with the data
+    shutil.rmtree(repo / "plots-html")
+    # Recall@k curves, one line per system: each point is evaluate.json's Recall@k of that system
+    curves = json.loads((repo / "metrics/recall_at_k.json").read_text())
+    assert {row["system"] for row in curves} == SYSTEMS and len(curves) == 100 * len(SYSTEMS)
+    for row in curves:
+        if row["k"] in (5, 20, 100):
+            assert row["recall"] == pytest.approx(report[row["system"]][f"recall_at_{row['k']}"], abs=1e-12), row
+    run(["dvc", "plots", "show", "metrics/recall_at_k.json", "-o", "plots-html"], repo, env)
+    html = (repo / "plots-html" / "index.html").read_text()
+    assert '"log"' in html and '"recall"' in html  # the lines-by-system template (log k), with the data
     shutil.rmtree(repo / "plots-html")
 
     assert train["trained"] == 1 and train["steps"] >= 1 and train["train_loss"] > 0
