@@ -1,6 +1,6 @@
 """Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model, and fused (hybrid)
 systems of those runs; write TREC runs and metrics/evaluate.json (with per-turn and per-field breakdowns when
-params ask for them)."""
+params ask for them, and every system's means on the validation queries under ``validation``)."""
 
 import json
 
@@ -12,7 +12,7 @@ from retrieval.encoding import using_encoding
 from retrieval.evaluation import breakdown, compare_systems, group_queries, recall_curves
 from retrieval.fusion import fuse_systems
 from retrieval.io import atomic_dir, write_json
-from retrieval.metrics import DEFAULT_METRICS
+from retrieval.metrics import DEFAULT_METRICS, evaluate as evaluate_run
 from retrieval.models import get_family
 from retrieval.identity import summary as identity_summary
 from retrieval.runs import write_trec_run
@@ -38,6 +38,20 @@ def model_sources() -> dict:
     return sources
 
 
+def validation_report(dataset, formatted: dict, system_runs, metrics: list[str]) -> dict | None:
+    """Every system, hybrids included, on the validation queries (means only): what defaults such as mine.method
+    are chosen on, never the test split. The fine-tuned model was selected on these queries, so its figure is
+    optimistic; the hybrid's is not what selected it."""
+    path = SPLIT_DIR / "val.tsv"
+    qrels = read_qrels(path, dataset.corpus.keys(), dataset.queries.keys()) if path.is_file() else {}
+    qrels = {q: grades for q, grades in qrels.items() if any(g > 0 for g in grades.values())}
+    if not qrels:
+        return None
+    runs, hybrids = system_runs({q: formatted[q] for q in sorted(qrels)})
+    return {"num_queries": len(qrels),
+            **{system: evaluate_run(qrels, run, metrics) for system, run in {**runs, **hybrids}.items()}}
+
+
 def recall_rows(qrels, runs, depth: int) -> list[dict]:
     """Recall@k for k = 1..depth per system, as rows for `dvc plots` (one line per system, .dvc/plots/)."""
     cutoffs = range(1, depth + 1)
@@ -60,23 +74,28 @@ def command(params_path: str) -> None:
     queries = {q: formatted[q] for q in qids}
 
     searcher = BM25Searcher(BM25_INDEX, k1=float(bm25["k1"]), b=float(bm25["b"]))
-    runs = {"bm25": hits_to_run(searcher.batch_search([queries[q] for q in qids], qids, k=depth))}
     family_name = str(section(params, "model"))
     family = get_family(family_name)
-    comparisons = []
-    if family.TRAINABLE:
-        config = section(params, "models", family_name)
-        # search checks that the encoder resolves to the weights each index was built with, and encodes the
-        # queries in the precision the index records
-        with using_encoding(encoding_for(params, family_name)):  # where the exports are (the index says which)
-            for system, index_dir in INDEX_DIRS.items():
-                runs[system] = hits_to_run(family.search(index_dir, queries, depth, config))
-        comparisons = [("finetuned", "baseline")]
-    try:
-        hybrids = fuse_systems(runs, evaluate.get("fusion") or [])
-    except ValueError as error:
-        raise click.ClickException(f"params.yaml evaluate.fusion: {error}") from None
+    config = section(params, "models", family_name) if family.TRAINABLE else {}
+
+    def system_runs(asked: dict[str, str]) -> tuple[dict, dict]:
+        """Every system's run of ``asked`` ({qid: text}), and the hybrids fused from them."""
+        ids = list(asked)
+        runs = {"bm25": hits_to_run(searcher.batch_search([asked[q] for q in ids], ids, k=depth))}
+        if family.TRAINABLE:
+            # search checks that the encoder resolves to the weights each index was built with, and encodes the
+            # queries in the precision the index records
+            with using_encoding(encoding_for(params, family_name)):  # where the exports are (the index says which)
+                for system, index_dir in INDEX_DIRS.items():
+                    runs[system] = hits_to_run(family.search(index_dir, asked, depth, config))
+        try:
+            return runs, fuse_systems(runs, evaluate.get("fusion") or [])
+        except ValueError as error:
+            raise click.ClickException(f"params.yaml evaluate.fusion: {error}") from None
+
+    runs, hybrids = system_runs(queries)
     runs.update(hybrids)
+    comparisons = [("finetuned", "baseline")] if family.TRAINABLE else []
     if "finetuned" in runs:
         comparisons += [(name, "finetuned") for name in hybrids]
 
@@ -88,6 +107,9 @@ def command(params_path: str) -> None:
             info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
             report[f"{system}_index"] = {**family.query_stats(index_dir, queries, config),
                                          **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
+    validation = validation_report(dataset, formatted, system_runs, metrics)
+    if validation:
+        report["validation"] = validation
     for field in evaluate.get("breakdowns") or []:
         groups = group_queries(dataset.queries, str(field))
         if groups:

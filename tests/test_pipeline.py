@@ -147,6 +147,13 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     html = (repo / "plots-html" / "index.html").read_text()
     assert '"xOffset"' in html and "tiny (test split)" in html, plots  # the grouped-bars template, with the data
     shutil.rmtree(repo / "plots-html")
+    # every system on the validation queries too (what defaults are chosen on), by the same metrics
+    val_queries = {line.split("\t")[0] for line in (repo / "data/split/val.tsv").read_text().splitlines()[1:]
+                   if line and int(line.split("\t")[2]) > 0}
+    validation = report["validation"]
+    assert validation["num_queries"] == len(val_queries) > 0 and set(validation) == SYSTEMS | {"num_queries"}
+    assert all(0 <= validation[system]["ndcg_at_10"] <= 1 for system in SYSTEMS)
+    assert validation["bm25"] != report["bm25"]  # other queries than the test split's
     # Recall@k curves, one line per system: each point is evaluate.json's Recall@k of that system
     curves = json.loads((repo / "metrics/recall_at_k.json").read_text())
     assert {row["system"] for row in curves} == SYSTEMS and len(curves) == 100 * len(SYSTEMS)
