@@ -232,7 +232,6 @@ def _main_scores(task_result) -> dict[str, float]:
     return {ours: float(scores[key]) for ours, key in MTEB_SCORES.items()}
 
 
-
 def inner_products(query_vectors: np.ndarray, doc_vectors: np.ndarray) -> np.ndarray:
     """The [queries x documents] inner-product matrix as faiss's flat index computes it."""
     from .dense_index import build_faiss_index

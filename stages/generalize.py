@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from retrieval.dataset import Dataset, load_beir, read_qrels
-from retrieval.download import fetch_dataset
+from retrieval.dataset import DataError, Dataset, load_beir, read_qrels
+from retrieval.download import FetchError, fetch_dataset
 from retrieval.encoding import using_encoding
 from retrieval.generalization import (Collection, GeneralizeSettings, compare_systems_on, dataset_from_mteb_task,
                                       score_collection)
@@ -43,10 +43,16 @@ def fetch_collection(collection: Collection, out_dir: Path) -> Dataset:
                                        f"({error})") from None
         from retrieval.dataset import write_beir
 
-        dataset = dataset_from_mteb_task(task, collection.split)
+        try:
+            dataset = dataset_from_mteb_task(task, collection.split)
+        except (RuntimeError, ValueError) as error:  # the hub unreachable, several subsets, no such split
+            raise click.ClickException(f"params.yaml generalize.datasets {collection.name}: {error}") from None
         write_beir(dataset, out_dir)
         return dataset
-    return fetch_dataset(collection.name, collection.source, out_dir, path=collection.path, progress=False)
+    try:
+        return fetch_dataset(collection.name, collection.source, out_dir, path=collection.path, progress=False)
+    except (DataError, FetchError, ValueError) as error:  # bad lines name their file and line
+        raise click.ClickException(f"params.yaml generalize.datasets {collection.name}: {error}") from None
 
 
 def in_domain_check(scores: dict, evaluated: dict, tolerance: float, exact_index: bool) -> dict:

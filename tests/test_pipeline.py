@@ -147,6 +147,23 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     html = (repo / "plots-html" / "index.html").read_text()
     assert '"xOffset"' in html and "tiny (test split)" in html, plots  # the grouped-bars template, with the data
     shutil.rmtree(repo / "plots-html")
+    # a broken collection stops the stage with its file and line, and the last good outputs stay as they were
+    broken = repo.parent / "broken"
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    shutil.copytree(params["generalize"]["datasets"][0]["path"], broken)
+    with open(broken / "corpus.jsonl", "a") as corpus:
+        corpus.write('{"_id": "x", "text": \n')
+    bad_line = len((broken / "corpus.jsonl").read_text().splitlines())
+    params["generalize"]["datasets"] = [{"name": "broken", "source": "dir", "path": str(broken)}]
+    (repo / "broken-params.yaml").write_text(yaml.safe_dump(params))
+    before = (repo / "metrics/generalize.json").read_text()
+    failed = subprocess.run(["retrieval", "generalize", "--params", "broken-params.yaml"], cwd=repo, env=env,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and f"corpus.jsonl:{bad_line}:" in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+    assert (repo / "metrics/generalize.json").read_text() == before
+    assert (repo / "data/generalize/mteb/results").is_dir()
+    (repo / "broken-params.yaml").unlink()
     # every system on the validation queries too (what defaults are chosen on), by the same metrics
     val_queries = {line.split("\t")[0] for line in (repo / "data/split/val.tsv").read_text().splitlines()[1:]
                    if line and int(line.split("\t")[2]) > 0}
