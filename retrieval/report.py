@@ -452,6 +452,23 @@ def _plot_lines(plot: Plot | None) -> list[str]:
     return [f"![{plot.title}]({plot.filename})", ""] + ([plot.note, ""] if plot.note else [])
 
 
+def _validation_lines(evaluate: MetricsPair, revision: str) -> list[str]:
+    """nDCG@10 of every system on the validation queries (evaluate.json ``validation``), where defaults are chosen:
+    shown, never flagged (the fine-tuned model was selected on these queries)."""
+    sides = [None if metrics is None else metrics.get("validation") for metrics in (evaluate.workspace, evaluate.revision)]
+    if all(side is None for side in sides):
+        return []
+    rows = [c for c in metric_changes(*sides, workspace_source=f"{evaluate.path} validation",
+                                      revision_source=f"{revision}:{evaluate.path} validation")
+            if c.metric == HEADLINE_METRIC]
+    counts = [side.get("num_queries") for side in sides if side is not None]
+    return ([f"## {HEADLINE_METRIC} on the validation queries", "",
+             f"What defaults are chosen on (never the test split); {counts[0]} queries. The fine-tuned model was "
+             f"selected on them, so its figure is optimistic; the hybrids' are not what selected it.", ""]
+            + _table(["system", f"`{revision}`", "workspace", "change"],
+                     [(c.system, _value(c.revision), _value(c.workspace), _change(c.delta)) for c in rows]) + [""])
+
+
 def render_markdown(files: Mapping[str, MetricsPair], *, revision: str, commit: str | None = None,
                     threshold: float = DEFAULT_THRESHOLD, plots: Mapping[str, Plot] = {}) -> str:
     """The report as GitHub-flavoured Markdown.
@@ -497,6 +514,8 @@ def render_markdown(files: Mapping[str, MetricsPair], *, revision: str, commit: 
     if headline:
         lines += _changes_table(headline, revision, threshold, with_metric=False) + [""]
     lines += _plot_lines(plots.get("metric_bars"))
+
+    lines += _validation_lines(evaluate, revision)
 
     for title, role in (("All metrics", "evaluate"), ("Reranking", "rerank")):
         pair = files.get(role)

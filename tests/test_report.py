@@ -220,6 +220,18 @@ def test_markdown_holds_the_expected_rows():
     quiet = render_markdown({"evaluate": files["evaluate"]}, revision="main", threshold=0.2)
     assert "None: no system metric dropped by more than 0.2 against `main`." in quiet
     assert "## Generalisation" not in quiet and "## Recall@k" not in quiet
+    assert "validation queries" not in quiet  # neither side has validation figures
+
+
+def test_validation_figures_are_shown_but_never_flagged():
+    workspace, revision = evaluate_json(0.625, 0.75), evaluate_json(0.625, 0.875)
+    workspace["validation"] = {"num_queries": 81, "bm25": {"ndcg_at_10": 0.5}, "hybrid": {"ndcg_at_10": 0.625}}
+    revision["validation"] = {"num_queries": 81, "bm25": {"ndcg_at_10": 0.5}, "hybrid": {"ndcg_at_10": 0.75}}
+    text = render_markdown({"evaluate": MetricsPair("metrics/evaluate.json", workspace, revision)}, revision="main")
+    lines = text.splitlines()
+    assert "## ndcg_at_10 on the validation queries" in lines and "81 queries" in text
+    assert "| hybrid | 0.7500 | 0.6250 | -0.1250 |" in lines  # shown, not bold, not a regression
+    assert "validation" not in text.split("## Regressions")[1].split("##")[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
