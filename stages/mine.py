@@ -23,7 +23,8 @@ class DenseMiner:
             encoding = encoding_from_params(section(params, "encode"), exportable=True)
         except ValueError as error:
             raise click.ClickException(f"params.yaml {error}") from None
-        self.dense, self.batch_size = dense, int(config.get("encode_batch_size", 64))  # as build_index: one cache key
+        self.dense, self.config = dense, config
+        self.batch_size = int(config.get("encode_batch_size", 64))  # as build_index: one cache key
         self.model = dense.load_encoder(str(config["base_model"]), config, encoding)
         self.doc_ids = list(corpus)
         click.echo(f"mine: encoding {len(self.doc_ids)} documents with {config['base_model']} ({encoding.describe()})")
@@ -31,7 +32,8 @@ class DenseMiner:
                                                   batch_size=self.batch_size)
 
     def query_vectors(self, texts: list[str]):
-        return self.dense.encode(self.model, texts, batch_size=self.batch_size, progress=False)
+        # with models.dense.query_prefix, as search and validation encode queries
+        return self.dense.encode_queries(self.model, texts, self.config, batch_size=self.batch_size)
 
 
 @click.command("mine")

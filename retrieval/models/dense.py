@@ -1,5 +1,10 @@
 """Dense bi-encoder (sentence-transformers), fine-tuned with MultipleNegativesRankingLoss over
-(query, positive, hard negatives), or distilled from a cross-encoder with Margin-MSE; searched with faiss."""
+(query, positive, hard negatives), or distilled from a cross-encoder with Margin-MSE; searched with faiss.
+
+``query_prefix`` (config, default none) is prepended to every query the family encodes: in search, in validation,
+in the training rows, and by mining through :func:`encode_queries`; documents never get it. bge wants its
+retrieval instruction there (``retrieval.onnx_import.BGE_QUERY_INSTRUCTION``); sentence-transformers' own prompts
+are not applied by ``encode``, so this setting is the one place the instruction comes from."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from ..embedding_cache import cached_embeddings
 from ..encoding import Encoding, current_encoding, index_encoding
 from ..identity import check_same_backend, index_precision, load_for_index, loaded_with_identity
 from ..precision import inference_precision
-from .base import Embedder, TrainingData, TrainSettings, with_family_overrides
+from .base import Embedder, TrainingData, TrainSettings, is_unset, with_family_overrides
 from .st_training import ScaledSimilarity, fit, margin_columns, triplet_columns
 from .validation import vector_validator
 
@@ -101,6 +106,23 @@ def encode(model, texts: list[str], *, batch_size: int = 64, progress: bool = Tr
                         normalize_embeddings=_normalizes(model)).astype(np.float32)
 
 
+def query_prefix(config: Mapping | None) -> str:
+    """The config's ``query_prefix``: a string, taken as is (trailing space included); unset means none."""
+    value = (config or {}).get("query_prefix")
+    if is_unset(value):
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"models.dense.query_prefix must be a string, got {value!r}")
+    return value
+
+
+def encode_queries(model, texts: list[str], config: Mapping | None, *, batch_size: int = 64,
+                   progress: bool = False) -> np.ndarray:
+    """Query vectors: ``encode`` of each text after the config's ``query_prefix``."""
+    prefix = query_prefix(config)
+    return encode(model, [prefix + text for text in texts], batch_size=batch_size, progress=progress)
+
+
 def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, settings: TrainSettings, *,
           checkpoint_dir: str | os.PathLike, callbacks=()) -> dict:
     from sentence_transformers.losses import MultipleNegativesRankingLoss
@@ -114,7 +136,7 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
     prepare = ExportedSnapshot(config, encoding, checkpoint_dir) if encoding is not None and encoding.exported \
         else None
     # encode() normalises for cosine models, so the dot product of its vectors is the model's similarity.
-    validator = vector_validator(data, lambda m, texts: encode(m, texts, batch_size=batch_size, progress=False),
+    validator = vector_validator(data, lambda m, texts: encode_queries(m, texts, config, batch_size=batch_size),
                                  lambda m, docs: encode_documents(m, docs, batch_size=batch_size), prepare=prepare)
     if settings.distill:
         from sentence_transformers import util
@@ -125,6 +147,8 @@ def train(config: Mapping, data: TrainingData, out_dir: str | os.PathLike, setti
         columns = margin_columns(data, settings.negatives_per_query)
     else:
         loss, columns = MultipleNegativesRankingLoss(model), triplet_columns(data, settings.negatives_per_query)
+    prefix = query_prefix(config)
+    columns["anchor"] = [prefix + query for query in columns["anchor"]]  # the queries, as search will encode them
     summary = fit(model, loss, columns, validator, settings, config=dict(config), out_dir=out_dir,
                   checkpoint_dir=checkpoint_dir, callbacks=callbacks)
     return {"family": "dense", "base_model": config["base_model"], "loss": "margin_mse" if settings.distill else "mnrl",
@@ -156,7 +180,7 @@ def embedder(index_dir: str | os.PathLike, config: Mapping) -> Embedder:
 
     def queries(texts: list[str]) -> np.ndarray:
         with inference_precision(precision):
-            return encode(model, texts, batch_size=batch_size, progress=False)
+            return encode_queries(model, texts, config, batch_size=batch_size)
 
     def documents(docs) -> np.ndarray:
         with inference_precision(precision):
