@@ -32,50 +32,22 @@ class RewriteError(RuntimeError):
     """The endpoint failed or answered something that is not a usable chat completion."""
 
 
-class Rewriter:
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        cache_path: str | os.PathLike,
-        *,
-        api_key: str | None = None,
-        temperature: float = 0.0,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-    ):
+class ChatClient:
+    """One OpenAI-compatible chat-completions endpoint: POST with retries, the answer's text back (reasoning
+    blocks and surrounding quotes removed). Shared by the rewriter and the synthetic-query generator."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
+                 timeout: float = 60.0, max_retries: int = 3):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.temperature = model, api_key, temperature
         self.timeout, self.max_retries = timeout, max(0, max_retries)
-        self.cache_path = Path(cache_path)
         self._opener = urllib.request.build_opener()  # proxy settings read now, from the environment
-        self.cache: dict[str, str] = _load_cache(self.cache_path)
 
-    def messages(self, history: list[dict], last_turn: str) -> list[dict]:
-        transcript = "\n".join(f"{turn['speaker']}: {turn['text']}" for turn in history)
-        user = f"Conversation:\n{transcript}\n\nLast user turn: {last_turn}\n\nStandalone search query:"
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    def request(self, messages: list[dict], **extra) -> dict:
+        """The request body for ``messages``; ``extra`` (e.g. ``seed``, ``max_tokens``) is sent as is."""
+        return {"model": self.model, "messages": messages, "temperature": self.temperature, **extra}
 
-    def rewrite(self, query_id: str, history: list[dict], last_turn: str) -> str:
-        messages = self.messages(history, last_turn)
-        request = {"model": self.model, "messages": messages, "temperature": self.temperature}
-        key = hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        if key in self.cache:
-            return self.cache[key]
-        try:
-            rewrite = self._complete(request)
-        except RewriteError as err:
-            raise RewriteError(f"rewriting query {query_id!r}: {err}") from err
-        self.cache[key] = rewrite
-        entry = {"key": key, "query_id": query_id, "model": self.model, "last_turn": last_turn, "rewrite": rewrite}
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        return rewrite
-
-    def _complete(self, request: dict) -> str:
+    def complete(self, request: dict) -> str:
         """POST one chat completion, retrying connection failures and transient HTTP statuses."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -103,12 +75,62 @@ class Rewriter:
             raise RewriteError(f"{self.url} did not answer a chat completion ({err!r}): {raw[:500]!r}") from err
         rewrite = _THINKING.sub("", content or "").strip().strip('"').strip()
         if not rewrite:
-            raise RewriteError(f"{self.url} answered an empty rewrite: {raw[:500]!r}")
+            raise RewriteError(f"{self.url} answered an empty completion: {raw[:500]!r}")
         return rewrite
 
 
-def _load_cache(path: Path) -> dict[str, str]:
-    """Read key -> rewrite; a torn last line (a crash mid-append) is cut off so later appends stay whole."""
+class Rewriter(ChatClient):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        cache_path: str | os.PathLike,
+        *,
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+    ):
+        super().__init__(base_url, model, api_key=api_key, temperature=temperature, timeout=timeout,
+                         max_retries=max_retries)
+        self.cache_path = Path(cache_path)
+        self.cache: dict[str, str] = load_cache(self.cache_path)
+
+    def messages(self, history: list[dict], last_turn: str) -> list[dict]:
+        transcript = "\n".join(f"{turn['speaker']}: {turn['text']}" for turn in history)
+        user = f"Conversation:\n{transcript}\n\nLast user turn: {last_turn}\n\nStandalone search query:"
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def rewrite(self, query_id: str, history: list[dict], last_turn: str) -> str:
+        request = self.request(self.messages(history, last_turn))
+        key = cache_key(request)
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            rewrite = self.complete(request)
+        except RewriteError as err:
+            raise RewriteError(f"rewriting query {query_id!r}: {err}") from err
+        self.cache[key] = rewrite
+        append_cache_entry(self.cache_path, {"key": key, "query_id": query_id, "model": self.model,
+                                             "last_turn": last_turn, "rewrite": rewrite})
+        return rewrite
+
+def cache_key(request: dict) -> str:
+    """Everything that determines an answer (model, messages, sampling settings), hashed."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def append_cache_entry(path: Path, entry: dict) -> None:
+    """Append one answer and flush it to disk at once, so an interrupted run keeps what it paid for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def load_cache(path: Path, field: str = "rewrite") -> dict:
+    """Read key -> entry[field]; a torn last line (a crash mid-append) is cut off so later appends stay whole."""
     if not path.exists():
         return {}
     data = path.read_bytes()
@@ -130,7 +152,7 @@ def _load_cache(path: Path) -> dict[str, str]:
             continue
         try:
             entry = json.loads(line)
-            cache[entry["key"]] = entry["rewrite"]
+            cache[entry["key"]] = entry[field]
         except (ValueError, KeyError, TypeError) as err:
-            raise RewriteError(f"{path}:{number}: not a rewrite cache entry ({err!r}); fix or delete the line")
+            raise RewriteError(f"{path}:{number}: not a cache entry ({err!r}); fix or delete the line")
     return cache

@@ -15,8 +15,8 @@ from retrieval.allocator import keep_freed_memory
 
 from .common import setup_logging
 
-STAGES = ("download", "queries", "split", "mine", "train_reranker", "teacher_scores", "export", "train", "index",
-          "evaluate", "generalize", "rerank")
+STAGES = ("download", "queries", "split", "mine", "synthesize", "train_reranker", "teacher_scores", "export", "train",
+          "index", "evaluate", "generalize", "rerank")
 TOOLS = ("report",)
 COMMANDS = STAGES + TOOLS
 

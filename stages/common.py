@@ -50,6 +50,10 @@ RUNS_DIR = Path("data/runs")
 RERANKER_MODEL = Path("data/models/reranker")
 RERANKED_DIR = Path("data/reranked")
 TEACHER_SCORES = Path("data/teacher_scores")
+# Synthetic queries (stage `synthesize`, GPL) with their mined negatives, and the generator's answer cache.
+SYNTHETIC_DIR = Path("data/synthetic")
+SYNTHESIS_CACHE = Path("data/synthesis_cache/cache.jsonl")
+TRAIN_SOURCES = ("labelled", "synthetic", "mixed")
 METRICS_DIR = Path("metrics")
 
 
@@ -97,3 +101,33 @@ def reranking_skipped(out_dir: Path) -> bool:
     info = out_dir / "info.json"
     return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("reranked") is False
 
+
+
+def train_source(params: dict) -> str:
+    """params ``train.source``: labelled (the split's training queries) | synthetic (generated queries only) |
+    mixed (both)."""
+    source = str(section(params, "train").get("source", "labelled"))
+    if source not in TRAIN_SOURCES:
+        raise click.ClickException(f"params.yaml train.source: unknown value {source!r}; use one of "
+                                   f"{', '.join(TRAIN_SOURCES)}")
+    return source
+
+
+def distills(params: dict) -> bool:
+    """Whether training is Margin-MSE on cross-encoder margins: asked for with ``train.distill``, and always with
+    synthetic queries, whose only labels are the cross-encoder's (GPL's pseudo-labels)."""
+    return bool(section(params, "train").get("distill")) or train_source(params) != "labelled"
+
+
+def training_records(source: str) -> list[dict]:
+    """The mined training records ({"query_id", "query", "positives", "negatives"}) of ``train.source``."""
+    records = []
+    if source in ("labelled", "mixed"):
+        records += read_jsonl(NEGATIVES_DIR / "train.jsonl")
+    if source in ("synthetic", "mixed"):
+        path = SYNTHETIC_DIR / "train.jsonl"
+        if not path.is_file():
+            raise click.ClickException(f"{path} is missing: train.source {source} needs the synthesize stage's "
+                                       "output (dvc repro synthesize)")
+        records += read_jsonl(path)
+    return records

@@ -10,13 +10,13 @@ from retrieval.io import atomic_dir, write_json
 from retrieval.models import FAMILIES, get_family
 from retrieval.models.base import TrainingData, TrainSettings
 
-from .common import (CHECKPOINTS, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES,
-                     load_params, params_option, raw_dir, read_jsonl, section)
+from .common import (CHECKPOINTS, FINETUNED_MODEL, INDEX_DIRS, METRICS_DIR, NEGATIVES_DIR, TEACHER_SCORES, distills,
+                     load_params, params_option, raw_dir, read_jsonl, section, train_source, training_records)
 from .encoding import encoding_for
 
 TRAIN_CURVES = METRICS_DIR / "train"
 # Settings under `train` shared by every family (dvc.yaml's train stage lists each); the seed is the top-level one.
-SHARED_SETTINGS = tuple(name for name in TrainSettings.__dataclass_fields__ if name != "seed")
+SHARED_SETTINGS = tuple(name for name in TrainSettings.__dataclass_fields__ if name != "seed") + ("source",)
 
 
 def training_data(corpus: dict, train_records: list[dict], val_records: list[dict], *, validation_corpus="all",
@@ -58,8 +58,11 @@ def shared_training_settings(params: dict) -> TrainSettings:
         raise click.ClickException(
             f"params.yaml: unknown {', '.join(f'train.{key}' for key in unknown)}: the shared training settings are "
             f"{', '.join(SHARED_SETTINGS)}; train.<family> ({', '.join(sorted(FAMILIES))}) holds one family's own")
-    settings = TrainSettings(**{key: train_params[key] for key in SHARED_SETTINGS if key in train_params})
+    settings = TrainSettings(**{key: train_params[key] for key in SHARED_SETTINGS
+                                if key in train_params and key != "source"})
     settings.seed = int(params.get("seed", settings.seed))
+    # synthetic queries have no labels but the cross-encoder's: they always train with Margin-MSE (GPL)
+    settings.distill = distills(params)
     return settings
 
 
@@ -132,7 +135,8 @@ def command(params_path: str) -> None:
 
     dataset = load_beir(raw_dir(params))
     encoding = encoding_for(params, family_name)
-    data = training_data(dataset.corpus, read_jsonl(NEGATIVES_DIR / "train.jsonl"), read_jsonl(NEGATIVES_DIR / "val.jsonl"),
+    source = train_source(params)
+    data = training_data(dataset.corpus, training_records(source), read_jsonl(NEGATIVES_DIR / "val.jsonl"),
                          validation_corpus=settings.validation_corpus, seed=settings.seed, precision=encoding.precision)
     data.encoding = encoding
     if not data.val_qrels:
@@ -144,7 +148,9 @@ def command(params_path: str) -> None:
     if settings.distill:
         if not getattr(family, "DISTILLABLE", False):
             raise click.ClickException(f"params.yaml train.distill: the {family_name} family has no Margin-MSE "
-                                       "training (dense and splade have); set train.distill to false")
+                                       "training (dense and splade have); set train.distill to false"
+                                       + (" and train.source to labelled (synthetic queries train with Margin-MSE)"
+                                          if source != "labelled" else ""))
         from retrieval.distillation import attach_teacher_scores
 
         teacher = {r["query_id"]: r["scores"] for r in read_jsonl(TEACHER_SCORES / "train.jsonl")}
@@ -160,7 +166,8 @@ def command(params_path: str) -> None:
     # The model is saved (and DVC caches it): nothing is left to resume, and a finished run's last checkpoint would
     # otherwise make a rerun "resume" with no steps to run and no curves to log.
     shutil.rmtree(CHECKPOINTS / family_name, ignore_errors=True)
-    write_json({"trained": 1, "distilled": int(settings.distill),
+    write_json({"trained": 1, "distilled": int(settings.distill), "source": source,
+                "training_examples": len(data.examples),
                 **{k: v for k, v in summary.items() if isinstance(v, (int, float)) or k == "kept"},
                 # per epoch as a mapping, so dvc shows each (it skips lists)
                 "val_ndcg_at_10_per_epoch": {f"epoch_{i + 1}": score

@@ -290,3 +290,44 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         assert "train:" in status and "index_baseline:" not in status, status
         status = status_after(lambda train: train["specter2"].update(margin=0.5))
         assert "train:" not in status and "index_baseline:" not in status, status
+
+
+def test_synthetic_queries_train_without_training_labels(repo: Path):
+    """`dvc exp run -S train.source=synthetic`: queries generated from documents (a chat-completions server on
+    127.0.0.1 started here), never from a test document, mined, pseudo-labelled by the cross-encoder and trained
+    with Margin-MSE; the labelled training queries are not used. Last in this module: it leaves train.source set."""
+    from test_synthesis import ChatServer
+    import threading
+
+    server = ChatServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        out = run(["dvc", "exp", "run", "-S", "model=dense", "-S", "train.source=synthetic", "-S", "train.distill=false",
+                   "-S", "train.learning_rate=0.001", "-S", "train.epochs=1", "-S", "synthesize.generator=chat",
+                   "-S", f"synthesize.chat.base_url={server.base_url}", "-S", "synthesize.chat.model=generator",
+                   "-S", "synthesize.documents=20", "-S", "synthesize.queries_per_doc=2"], repo, env)
+    finally:
+        server.shutdown()
+    assert "Running stage 'synthesize'" in out and "Running stage 'teacher_scores'" in out
+    synthesized = json.loads((repo / "metrics/synthesize.json").read_text())
+    test_docs = {line.split("\t")[1] for line in (repo / "data/split/test.tsv").read_text().splitlines()[1:] if line}
+    assert synthesized["test_documents_excluded"] >= len(test_docs) > 0
+    assert synthesized["documents"] == 20 and synthesized["generated"] == synthesized["kept"] > 0
+    assert synthesized["queries_checked_against_test_documents"] == synthesized["kept"]
+    assert synthesized["generator"] == {"backend": "chat", "base_url": server.base_url, "model": "generator"}
+    assert len(server.requests) == 40  # 20 documents x 2 queries
+    queries = [json.loads(line) for line in (repo / "data/synthetic/queries.jsonl").read_text().splitlines()]
+    assert len(queries) == synthesized["kept"] and not {q["doc_id"] for q in queries} & test_docs
+    mined = [json.loads(line) for line in (repo / "data/synthetic/train.jsonl").read_text().splitlines()]
+    assert [m["query_id"] for m in mined] == sorted(q["query_id"] for q in queries)
+    assert all(m["positives"] == [{"doc_id": m["query_id"].split("-")[1], "grade": 1}] for m in mined)
+    teacher = json.loads((repo / "data/teacher_scores/info.json").read_text())
+    assert teacher["scored"] and teacher["source"] == "synthetic" and teacher["queries"] == len(mined)
+    train = json.loads((repo / "metrics/train.json").read_text())
+    # Margin-MSE on the cross-encoder's margins although train.distill is false: synthetic queries have no other label
+    assert train["source"] == "synthetic" and train["distilled"] == 1 and train["steps"] >= 1
+    assert train["training_examples"] == len(mined)  # one per (generated query, its document): no labelled query
+    report = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert report["num_queries"] == 12 and "finetuned_vs_baseline_p_value" in report
+    assert (repo / "data/synthesis_cache/cache.jsonl").read_text().count("\n") == 20  # one entry per document

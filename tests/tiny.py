@@ -74,18 +74,13 @@ def corpus_texts(folder: Path) -> list[str]:
     return texts
 
 
-def write_tiny_bert(out_dir: Path, texts: list[str], *, hidden: int = 32, layers: int = 2) -> Path:
-    """A randomly initialised 2-layer BERT with a WordPiece vocab trained on ``texts``, saved as a
-    sentence-transformers model (mean pooling, normalised)."""
-    from sentence_transformers import SentenceTransformer, models
+def wordpiece_tokenizer(texts: list[str]):
+    """A BERT-style WordPiece tokenizer (lower-cased, [CLS] ... [SEP]) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import WordPiece
     from tokenizers.processors import TemplateProcessing
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
-    import torch
-
-    torch.manual_seed(0)
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -96,11 +91,23 @@ def write_tiny_bert(out_dir: Path, texts: list[str], *, hidden: int = 32, layers
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
     )
-    bert_dir = out_dir / "bert"
-    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+    return BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                              sep_token="[SEP]", mask_token="[MASK]")
+
+
+def write_tiny_bert(out_dir: Path, texts: list[str], *, hidden: int = 32, layers: int = 2) -> Path:
+    """A randomly initialised 2-layer BERT with a WordPiece vocab trained on ``texts``, saved as a
+    sentence-transformers model (mean pooling, normalised)."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    import torch
+
+    torch.manual_seed(0)
+    fast = wordpiece_tokenizer(texts)
+    bert_dir = out_dir / "bert"
     fast.save_pretrained(bert_dir)
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+    config = BertConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128)
     BertModel(config).save_pretrained(bert_dir)
     transformer = models.Transformer(str(bert_dir), max_seq_length=64)
@@ -108,3 +115,20 @@ def write_tiny_bert(out_dir: Path, texts: list[str], *, hidden: int = 32, layers
     model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()])
     model.save(str(out_dir / "st"))
     return out_dir / "st"
+
+
+def write_tiny_t5(out_dir: Path, texts: list[str], *, d_model: int = 32) -> Path:
+    """A randomly initialised one-layer T5 (a seq2seq query generator's shape) with a WordPiece vocab trained on
+    ``texts``: it decodes vocabulary words, which is all a generator test needs of it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import torch
+
+    torch.manual_seed(0)
+    fast = wordpiece_tokenizer(texts)
+    fast.save_pretrained(out_dir)
+    config = T5Config(vocab_size=len(fast), d_model=d_model, d_kv=16, d_ff=d_model * 2, num_layers=1, num_heads=2,
+                      pad_token_id=fast.pad_token_id, eos_token_id=fast.sep_token_id,
+                      decoder_start_token_id=fast.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(out_dir)
+    return out_dir
