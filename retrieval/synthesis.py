@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import random
 import re
 import threading
@@ -33,9 +34,13 @@ from .rewrite import append_cache_entry, cache_key, load_cache
 GENERATORS = ("seq2seq", "chat", "gguf")
 SOURCES = ("labelled", "synthetic", "mixed")  # train.source: what the training examples come from
 
-# The chat and GGUF backends read this prompt; a T5 query generator reads the document alone.
+# The chat and GGUF backends read this prompt, with one worked example (small models follow an example far better
+# than an instruction alone); a T5 query generator reads the document alone.
 SYSTEM_PROMPT = ("You write search queries. Given a document, write one short search query or question that a "
                  "person would type to find it and that the document answers. Reply with the query only.")
+EXAMPLE_DOCUMENT = ("Aspirin and first heart attacks. In a trial of 22,000 adults, daily low-dose aspirin reduced the "
+                    "risk of a first myocardial infarction by 44% compared with placebo.")
+EXAMPLE_QUERY = "does daily low-dose aspirin prevent a first heart attack"
 QUERY_ID_PREFIX = "gen"  # synthetic query ids are gen-<doc id>-<n>, never a labelled query's id
 HUB_GGUF = re.compile(r"[\w-][\w.-]*/[\w.-]+/[^/]+\.gguf")  # owner/repo/file.gguf (not a path: no leading / or .)
 
@@ -98,6 +103,9 @@ class SynthesizeSettings:
     queries_per_doc: int = 1
     exclude_test_docs: bool = True  # never generate from a document that a test query judges
     max_document_chars: int = 2000  # prompt budget of the chat and GGUF backends (T5 truncates by tokens)
+    # Round-trip filter (Promptagator, InPars): keep a query only when BM25 ranks its document in this top k; null
+    # keeps every query (GPL's choice, which relies on the cross-encoder's labels alone).
+    round_trip_top_k: int | None = 20
     sampling: Sampling = field(default_factory=Sampling)
     seq2seq: Seq2SeqSettings = field(default_factory=Seq2SeqSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
@@ -106,6 +114,8 @@ class SynthesizeSettings:
     @classmethod
     def from_params(cls, values: Mapping | None, where: str = "synthesize") -> "SynthesizeSettings":
         values = dict(values or {})
+        if str(values.get("round_trip_top_k")).strip() in {"", "None", "null"}:  # as `-S key=null` may leave it
+            values["round_trip_top_k"] = None
         nested = {"sampling": Sampling, "seq2seq": Seq2SeqSettings, "chat": ChatSettings, "gguf": GGUFSettings}
         for key, kind in nested.items():
             if key in values:
@@ -116,7 +126,9 @@ class SynthesizeSettings:
         if settings.generator not in GENERATORS:
             raise ValueError(f"{where}.generator: unknown value {settings.generator!r}; use one of "
                              f"{', '.join(GENERATORS)}")
-        for name in ("documents", "queries_per_doc", "max_document_chars"):
+        checked = ("documents", "queries_per_doc", "max_document_chars") + (
+            ("round_trip_top_k",) if settings.round_trip_top_k is not None else ())
+        for name in checked:
             if int(getattr(settings, name)) < 1:
                 raise ValueError(f"{where}.{name}: must be at least 1, got {getattr(settings, name)!r}")
         return settings
@@ -183,26 +195,31 @@ def query_seed(seed: int, doc_id: str) -> int:
 
 def clean_query(text: str) -> str:
     """The query in a generator's answer: its first non-empty line, without labels ("Query:"), list markers or
-    quotes; "" when nothing query-like is left (empty, one character, or longer than 64 words)."""
+    quotes; "" when nothing query-like is left (fewer than two words with letters, or more than 64 words)."""
     for line in (text or "").splitlines():
         line = line.strip().strip('"\'`')
         line = re.sub(r"^\s*(?:[-*\d.)]+\s+)?(?:(?:search )?query|question)\s*\d*\s*[:\-]\s*", "", line,
                       flags=re.IGNORECASE)
         line = " ".join(line.strip().strip('"\'`').split())
         if line:
-            return line if len(line) > 1 and len(line.split()) <= 64 else ""
+            words = line.split()
+            return line if sum(any(c.isalpha() for c in w) for w in words) >= 2 and len(words) <= 64 else ""
     return ""
 
 
 def _prompt_identity(max_chars: int) -> dict:
     """What shapes a chat prompt besides the document, for the identity (hence the cache key) of a generator."""
-    return {"prompt_sha256": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:16], "max_document_chars": max_chars}
+    prompt = json.dumps(_prompt({"text": ""}, max_chars))
+    return {"prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "max_document_chars": max_chars}
+
+
+def _user_turn(text: str) -> dict:
+    return {"role": "user", "content": f"Document:\n{text}\n\nSearch query:"}
 
 
 def _prompt(document: Mapping, max_chars: int) -> list[dict]:
-    body = doc_text(document).strip()[:max_chars]
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"Document:\n{body}\n\nSearch query:"}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, _user_turn(EXAMPLE_DOCUMENT),
+            {"role": "assistant", "content": EXAMPLE_QUERY}, _user_turn(doc_text(document).strip()[:max_chars])]
 
 
 class Seq2SeqGenerator:
@@ -442,3 +459,8 @@ def synthesize_queries(corpus: Mapping[str, dict], doc_ids: list[str], generator
                                 "doc_id": doc})
     stats.kept = len(records)
     return records, stats
+
+
+def round_trip_filter(records: list[dict], hits: Mapping[str, list[tuple[str, float]]], top_k: int) -> list[dict]:
+    """The records whose source document is in the top ``top_k`` of their query's hits (a retriever's results)."""
+    return [r for r in records if r["doc_id"] in {doc for doc, _ in hits.get(r["query_id"], [])[:top_k]}]

@@ -17,7 +17,7 @@ from .common import setup_logging
 
 STAGES = ("download", "queries", "split", "mine", "synthesize", "train_reranker", "teacher_scores", "export", "train",
           "index", "evaluate", "generalize", "rerank")
-TOOLS = ("report",)
+TOOLS = ("report", "explore")
 COMMANDS = STAGES + TOOLS
 
 

@@ -27,7 +27,7 @@ def command(params_path: str) -> None:
         write_json({"generated": 0}, SYNTHESIZE_METRICS)
         return
     from retrieval.synthesis import (SynthesisError, SynthesizeSettings, build_generator, check_no_held_out_documents,
-                                     sample_documents, synthesize_queries, held_out_documents)
+                                     held_out_documents, round_trip_filter, sample_documents, synthesize_queries)
 
     from .mine import Miner
 
@@ -50,10 +50,17 @@ def command(params_path: str) -> None:
         checked = check_no_held_out_documents(records, excluded)
     except SynthesisError as error:
         raise click.ClickException(str(error)) from None
-    if not records:
-        raise click.ClickException(f"synthesize: the generator gave no usable query for {len(doc_ids)} documents "
-                                   f"({stats.as_dict()}); check synthesize.{settings.generator}")
     miner = Miner(params, dataset.corpus)
+    generated = len(records)
+    if settings.round_trip_top_k and records:
+        top_k = int(settings.round_trip_top_k)
+        hits = miner.searcher.batch_search([r["query"] for r in records], [r["query_id"] for r in records], k=top_k,
+                                           threads=miner.threads)
+        records = round_trip_filter(records, hits, top_k)
+    if not records:
+        raise click.ClickException(f"synthesize: no usable query for {len(doc_ids)} documents ({stats.as_dict()}, "
+                                   f"{generated} before the round-trip filter); check synthesize.{settings.generator}"
+                                   " or loosen synthesize.round_trip_top_k")
     mined, mine_stats = miner.negatives({r["query_id"]: {r["doc_id"]: 1} for r in records},
                                         {r["query_id"]: r["query"] for r in records}, "synthetic")
     with atomic_dir(SYNTHETIC_DIR) as tmp:
@@ -61,7 +68,8 @@ def command(params_path: str) -> None:
         write_jsonl(mined, tmp / "train.jsonl")
         write_json({"generated": True, "generator": generator.identity, "settings": settings.as_dict()},
                    tmp / "info.json")
-    write_json({"generated": stats.kept, **stats.as_dict(), "generator": generator.identity,
+    write_json({**stats.as_dict(), "generated": len(records), "dropped_round_trip": generated - len(records),
+                "generator": generator.identity,
                 "test_documents_excluded": len(excluded), "queries_checked_against_test_documents": checked,
                 "mine": {"method": miner.method,
                          "avg_negatives": sum(len(r["negatives"]) for r in mined) / max(1, len(mined)),

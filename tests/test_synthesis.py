@@ -14,7 +14,8 @@ import pytest
 from retrieval.dataset import load_beir
 from retrieval.synthesis import (ChatGenerator, ChatSettings, GGUFGenerator, GGUFSettings, Sampling, Seq2SeqGenerator,
                                  Seq2SeqSettings, SynthesisError, SynthesizeSettings, check_no_held_out_documents,
-                                 clean_query, sample_documents, synthesize_queries, held_out_documents)
+                                 clean_query, held_out_documents, round_trip_filter, sample_documents,
+                                 synthesize_queries)
 from tiny import corpus_texts, write_tiny_dataset, write_tiny_t5
 
 
@@ -43,6 +44,15 @@ def test_clean_query_keeps_the_query_line_only():
     assert clean_query("\n\n1. Search query - bone density in women") == "bone density in women"
     assert clean_query("Question 2: what is renal filtration") == "what is renal filtration"
     assert clean_query("   ") == "" and clean_query("x") == "" and clean_query("w " * 65) == ""
+    assert clean_query("1. 1.\n2. 2.") == "" and clean_query("- 42 kDa") == ""  # fewer than two words with letters
+
+
+def test_round_trip_filter_keeps_queries_whose_document_the_retriever_finds():
+    records = [{"query_id": "gen-a-0", "doc_id": "a"}, {"query_id": "gen-b-0", "doc_id": "b"},
+               {"query_id": "gen-c-0", "doc_id": "c"}]
+    hits = {"gen-a-0": [("a", 9.0), ("x", 1.0)], "gen-b-0": [("x", 5.0), ("y", 4.0), ("b", 3.0)], "gen-c-0": []}
+    assert round_trip_filter(records, hits, 2) == records[:1]
+    assert round_trip_filter(records, hits, 3) == records[:2]
 
 
 def test_test_documents_include_copies_and_are_never_sampled(tiny):
