@@ -14,6 +14,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	# llama-cpp-python compiles llama.cpp: the library only, on both cores.
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	# PyLate for the colbert family, without its pins (pyproject.toml says why).
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt pylate==1.6.0
 	touch $@
 
 install: $(BIN)/.installed

