@@ -24,7 +24,7 @@ def command(params_path: str) -> None:
     SYNTHESIS_CACHE.touch()  # a DVC output even when nothing is generated
     if source == "labelled":
         write_skip_note(SYNTHETIC_DIR, {"generated": False, "reason": "train.source is labelled in params.yaml"})
-        write_json({"generated": 0}, SYNTHESIZE_METRICS)
+        write_json({"queries": 0}, SYNTHESIZE_METRICS)
         return
     from retrieval.synthesis import (SynthesisError, SynthesizeSettings, build_generator, check_no_held_out_documents,
                                      held_out_documents, round_trip_filter, sample_documents, synthesize_queries)
@@ -68,7 +68,8 @@ def command(params_path: str) -> None:
         write_jsonl(mined, tmp / "train.jsonl")
         write_json({"generated": True, "generator": generator.identity, "settings": settings.as_dict()},
                    tmp / "info.json")
-    write_json({**stats.as_dict(), "generated": len(records), "dropped_round_trip": generated - len(records),
+    # queries: what train gets; generated / kept / dropped_*: the generator's answers and what cleaning kept of them
+    write_json({"queries": len(records), **stats.as_dict(), "dropped_round_trip": generated - len(records),
                 "generator": generator.identity,
                 "test_documents_excluded": len(excluded), "queries_checked_against_test_documents": checked,
                 "mine": {"method": miner.method,

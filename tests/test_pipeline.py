@@ -317,14 +317,15 @@ def test_synthetic_queries_train_without_training_labels(repo: Path):
     synthesized = json.loads((repo / "metrics/synthesize.json").read_text())
     test_docs = {line.split("\t")[1] for line in (repo / "data/split/test.tsv").read_text().splitlines()[1:] if line}
     assert synthesized["test_documents_excluded"] >= len(test_docs) > 0
-    assert synthesized["documents"] == 20 and synthesized["generated"] == synthesized["kept"] > 0
+    assert synthesized["documents"] == 20 and synthesized["generated"] == 40 and synthesized["kept"] > 0
+    assert synthesized["queries"] == synthesized["kept"] - synthesized["dropped_round_trip"] > 0
     assert synthesized["queries_checked_against_test_documents"] == synthesized["kept"]
     generator = synthesized["generator"]
     assert (generator["backend"], generator["base_url"], generator["model"]) == ("chat", server.base_url, "generator")
     assert generator["max_document_chars"] == 2000 and len(generator["prompt_sha256"]) == 16
     assert len(server.requests) == 40  # 20 documents x 2 queries
     queries = [json.loads(line) for line in (repo / "data/synthetic/queries.jsonl").read_text().splitlines()]
-    assert len(queries) == synthesized["kept"] and not {q["doc_id"] for q in queries} & test_docs
+    assert len(queries) == synthesized["queries"] and not {q["doc_id"] for q in queries} & test_docs
     mined = [json.loads(line) for line in (repo / "data/synthetic/train.jsonl").read_text().splitlines()]
     assert [m["query_id"] for m in mined] == sorted(q["query_id"] for q in queries)
     assert all(m["positives"] == [{"doc_id": m["query_id"].split("-")[1], "grade": 1}] for m in mined)
