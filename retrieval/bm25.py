@@ -27,7 +27,7 @@ def build_bm25_index(corpus: Mapping[str, dict], index_dir: str | os.PathLike, *
             for doc_id, doc in corpus.items():
                 out.write(json.dumps({"id": doc_id, "contents": doc_text(doc)}, ensure_ascii=False) + "\n")
         index_collection.main([
-            "-collection", "JsonCollection", "-input", collection, "-index", str(tmp_index),
+            "-collection", "JsonCollection", "-input", collection, "-index", str(Path(tmp_index).resolve()),
             "-generator", "DefaultLuceneDocumentGenerator", "-threads", str(threads),
             "-storePositions", "-storeDocvectors", "-storeRaw", "-quiet",
         ])
@@ -38,7 +38,8 @@ class BM25Searcher:
     """pyserini's ``LuceneSearcher`` with BM25 parameters set; hits are ``(doc_id, score)`` pairs."""
 
     def __init__(self, index_dir: str | os.PathLike, *, k1: float = 0.9, b: float = 0.4):
-        self._searcher = jvm.lucene().LuceneSearcher(str(index_dir))
+        # absolute: the JVM resolves relative paths against the folder it started in, not the current one
+        self._searcher = jvm.lucene().LuceneSearcher(str(Path(index_dir).resolve()))
         self._searcher.set_bm25(k1, b)
 
     @property

@@ -69,7 +69,7 @@ def build_impact_index(doc_ids: list[str], doc_weights: list[dict[str, float]], 
             for file in files:
                 file.close()
         autoclass("io.anserini.index.IndexCollection").main([
-            "-collection", "JsonVectorCollection", "-input", collection, "-index", str(tmp_index),
+            "-collection", "JsonVectorCollection", "-input", collection, "-index", str(Path(tmp_index).resolve()),
             "-generator", "DefaultLuceneDocumentGenerator", "-impact", "-pretokenized",
             "-threads", str(threads), "-quiet",
         ])
@@ -89,7 +89,7 @@ class ImpactSearcher:
         self._array_list = autoclass("java.util.ArrayList")
         # Used directly rather than through pyserini's LuceneImpactSearcher, which needs a query *encoder* and
         # reads every term of the index at start-up to filter query terms by idf.
-        self._searcher = autoclass("io.anserini.search.SimpleImpactSearcher")(str(index_dir))
+        self._searcher = autoclass("io.anserini.search.SimpleImpactSearcher")(str(Path(index_dir).resolve()))
         self.scale = scale
         self.num_docs = self._searcher.get_total_num_docs()
 

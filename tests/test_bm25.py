@@ -153,6 +153,15 @@ def test_rebuild_replaces_index(tmp_path, first_start):
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
+def test_relative_index_paths_follow_the_current_folder_not_the_jvms(tmp_path, first_start, monkeypatch):
+    """The JVM started in another folder (first_start): a relative path must still mean the current folder's, as it
+    does for the explorer, which changes into a workspace after other tools started the JVM."""
+    monkeypatch.chdir(tmp_path)
+    stats = build_bm25_index({"a": {"title": "", "text": "axolotl"}}, Path("data/indexes/bm25"), threads=1)
+    assert stats == {"num_docs": 1} and (tmp_path / "data/indexes/bm25").is_dir()
+    assert BM25Searcher("data/indexes/bm25").search("axolotl")[0][0] == "a"
+
+
 # ---------------------------------------------------------------- JVM set-up
 
 
