@@ -224,14 +224,19 @@ def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["distilled"] == 1 and train["steps"] >= 1
 
-    # Training that hurts on validation ships the base model, and says so; evaluate then equals the baseline.
+    # Training that hurts on validation ships the base model, and says so; evaluate then equals the baseline. A rate of
+    # 5.0 wrecks the model, but on 4 validation queries against a random base (nDCG ~0.26) a wrecked epoch has been
+    # seen to edge past the base by chance (0.276): then that epoch is kept, silently. Either way the kept model is
+    # the validation winner (ties keep the earlier), and the message appears exactly when it is the base.
     hurt = run(["dvc", "exp", "run", "-S", "train.distill=false", "-S", "train.learning_rate=5.0"], repo, env)
-    assert "no epoch beat the base model on validation" in hurt
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["kept"] == "base" and train["kept_base"] == 1, train
-    assert max(train["val_ndcg_at_10_per_epoch"].values()) <= train["val_ndcg_at_10_base"]
+    scores = {"base": train["val_ndcg_at_10_base"],
+              **{f"epoch {k.removeprefix('epoch_')}": v for k, v in train["val_ndcg_at_10_per_epoch"].items()}}
+    assert train["kept"] == max(scores, key=scores.get) and train["kept_base"] == int(train["kept"] == "base"), train
+    assert ("no epoch beat the base model on validation" in hurt) == (train["kept"] == "base")
     report = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert report["finetuned"] == report["baseline"] and report["models"]["finetuned"]["kept"] == "base"
+    assert (report["finetuned"] == report["baseline"]) == (train["kept"] == "base")
+    assert report["models"]["finetuned"]["kept"] == train["kept"]
 
 
 @pytest.mark.parametrize("family", ["bm25", "splade", "dpr", "specter2", "colbert"])
