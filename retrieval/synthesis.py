@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Protocol
 
 from .dataset import doc_text
+from .models.base import is_unset
 from .rewrite import append_cache_entry, cache_key, load_cache
 
 GENERATORS = ("seq2seq", "chat", "gguf")
@@ -114,7 +115,7 @@ class SynthesizeSettings:
     @classmethod
     def from_params(cls, values: Mapping | None, where: str = "synthesize") -> "SynthesizeSettings":
         values = dict(values or {})
-        if str(values.get("round_trip_top_k")).strip() in {"", "None", "null"}:  # as `-S key=null` may leave it
+        if "round_trip_top_k" in values and is_unset(values["round_trip_top_k"]):  # as `-S key=null` may leave it
             values["round_trip_top_k"] = None
         nested = {"sampling": Sampling, "seq2seq": Seq2SeqSettings, "chat": ChatSettings, "gguf": GGUFSettings}
         for key, kind in nested.items():
@@ -351,9 +352,10 @@ class GGUFGenerator:
         reference = settings.model
         options = dict(n_ctx=int(settings.context_tokens), n_threads=int(settings.threads), seed=seed,
                        verbose=False)
+        packaged, digest = is_unset(reference), None
         with _plain_cpu_weight_buffers():
-            if reference is None or str(reference).strip() in {"", "None", "null"}:
-                path = packaged_gguf()
+            if packaged:
+                path, digest = packaged_gguf(), SMOLLM2_SHA256  # packaged_gguf() has just checked this digest
                 self.llm, source = Llama(model_path=str(path), **options), f"{SMOLLM2_PACKAGE} package"
             elif Path(reference).is_file():
                 path = Path(reference)
@@ -366,8 +368,8 @@ class GGUFGenerator:
                 raise SynthesisError(f"synthesize.gguf.model: {reference!r} is neither a .gguf file nor "
                                      "owner/repo/file.gguf on the hub")
         self.sampling, self.max_chars = sampling, int(max_document_chars)
-        self.identity = {"backend": "gguf", "model": str(reference) if reference else SMOLLM2_FILE,
-                         "source": source, "sha256": file_sha256(path), **_prompt_identity(self.max_chars)}
+        self.identity = {"backend": "gguf", "model": SMOLLM2_FILE if packaged else str(reference),
+                         "source": source, "sha256": digest or file_sha256(path), **_prompt_identity(self.max_chars)}
         self.batch_size = 1
 
     def generate(self, documents: list[Mapping], seeds: list[int], n: int) -> list[list[str]]:
