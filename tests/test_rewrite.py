@@ -19,8 +19,8 @@ HISTORY = [
 class ChatServer(ThreadingHTTPServer):
     """Answers POST /v1/chat/completions with "rewritten: <last line of the user message>"."""
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), ChatHandler)
+    def __init__(self, handler=None):
+        super().__init__(("127.0.0.1", 0), handler or ChatHandler)
         self.requests: list[dict] = []
         self.status = 200  # set to e.g. 500 to fail every request
         self.body: bytes | None = None  # set to answer raw bytes instead of a completion

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from retrieval.synthesis import (ChatGenerator, ChatSettings, GGUFGenerator, GGU
                                  Seq2SeqSettings, SynthesisError, SynthesizeSettings, check_no_held_out_documents,
                                  clean_query, held_out_documents, round_trip_filter, sample_documents,
                                  synthesize_queries)
+from test_rewrite import ChatServer as RewriteChatServer
 from tiny import corpus_texts, write_tiny_dataset, write_tiny_t5
 
 
@@ -119,16 +120,11 @@ def test_seq2seq_names_the_offline_fallback_when_the_model_cannot_be_fetched(mon
         Seq2SeqGenerator(Seq2SeqSettings(model="doc2query/some-model-not-cached-here"), Sampling())
 
 
-class ChatServer(ThreadingHTTPServer):
-    """Answers chat completions with 'Query: <the document's first three words>' (a deterministic generator)."""
+class ChatServer(RewriteChatServer):
+    """The rewriter tests' server, answering 'Query: <the document's first three words>' (a deterministic generator)."""
 
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), ChatHandler)
-        self.requests: list[dict] = []
-
-    @property
-    def base_url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        super().__init__(ChatHandler)
 
 
 class ChatHandler(BaseHTTPRequestHandler):
