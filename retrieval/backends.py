@@ -14,6 +14,9 @@ int8 is dynamic quantisation (no calibration data):
   name is part of the file name and the cache key: an export made on one kind of CPU is not reused on another.
 - openvino: int8 weight compression (NNCF, data-free); OpenVINO's CPU plugin quantises activations at run time.
 
+ONNX int8 encoders encode one text per call (:func:`encode_batch_size`): dynamic quantisation scales activations
+per input tensor, so batching would make a text's vector depend on its batch-mates.
+
 :func:`backend_record` tells what an encoder loaded with :func:`load_sentence_transformer` runs (backend,
 quantisation, exported file and its sha256), for an index to record beside its encoder identity.
 """
@@ -256,6 +259,27 @@ def load_sentence_transformer(path: str, *, backend: str = "torch", quantize: st
                   "sha256": export["sha256"], "export_dir": str(folder), **runtime}
     setattr(model, _RECORD_ATTRIBUTE, record)
     return model
+
+
+def per_text_batches(model) -> bool:
+    """Whether ``model`` must encode one text per call for a text's vector to depend on that text alone.
+
+    ONNX int8 is dynamic quantisation: DynamicQuantizeLinear takes one activation scale per input tensor, i.e. per
+    batch, padding included, so in a batch a text's vector moves with its batch-mates (all-MiniLM-L6-v2, SciFact
+    claims in batches of 32: up to 0.012 of cosine, benchmarks/int8_batch_invariance.py). One text per call gives
+    each text its own scale, and was faster too (no padding). OpenVINO int8 compresses weights only: its vectors do
+    not move with the batch (measured: differences of 3e-8, as in fp32), so it keeps its batches."""
+    try:
+        record = backend_record(model)
+    except ValueError:
+        return False
+    return record["backend"] == "onnx" and record["quantize"] == "int8"
+
+
+def encode_batch_size(model, requested: int) -> int:
+    """The batch size ``model`` encodes with: ``requested``, or 1 where batching would change vectors
+    (:func:`per_text_batches`)."""
+    return 1 if per_text_batches(model) else int(requested)
 
 
 def backend_record(model) -> dict:

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from retrieval.backends import (activation_matmuls, backend_record, check_choice, cpu_flags, export_folder,
-                                export_variant, int8_config_name, load_sentence_transformer)
+from retrieval.backends import (activation_matmuls, backend_record, check_choice, cpu_flags, encode_batch_size,
+                                export_folder, export_variant, int8_config_name, load_sentence_transformer)
 from retrieval.identity import file_sha256, weights_digest
 from tiny import corpus_texts, write_tiny_bert, write_tiny_dataset
 
@@ -63,6 +63,33 @@ def test_onnx_int8_quantises_the_weight_matmuls_and_stays_close(tiny, torch_vect
     # Stated bound for dynamic int8 (measured on this model: min cosine above 0.9999; all-MiniLM-L6-v2 on SciFact
     # abstracts: 0.992).
     assert cosines(vectors, torch_vectors).min() > 0.99
+
+
+def test_an_int8_vector_does_not_depend_on_the_texts_encoded_with_it(tiny):
+    from retrieval.models.dense import encode
+
+    model = load_sentence_transformer(tiny["model"], backend="onnx", quantize="int8", cache_dir=tiny["cache"])
+    texts = tiny["texts"][:12]
+    # One long text among short ones: in a batch it widens the padding and the activation range of the others.
+    outlier = " ".join(tiny["texts"]) + " 9999 XXXX"
+    assert encode_batch_size(model, 32) == 1
+    alone = np.stack([encode(model, [text], batch_size=32, progress=False)[0] for text in texts])
+    together = encode(model, [outlier, *texts], batch_size=32, progress=False)[1:]
+    assert np.array_equal(alone, together)
+    # What batching does to them (why int8 encodes one text per call): one scale for the whole batch.
+    batched = model.encode([outlier, *texts], batch_size=32, normalize_embeddings=True)[1:]
+    assert not np.array_equal(alone, batched)
+
+
+def test_encoders_whose_vectors_do_not_move_with_the_batch_keep_their_batch_size(tiny):
+    # fp32, and OpenVINO int8 (weights compressed, activations not quantised): batched vectors equal lone ones.
+    texts = tiny["texts"][:6]
+    for backend, quantize in (("torch", "none"), ("onnx", "none"), ("openvino", "int8")):
+        model = load_sentence_transformer(tiny["model"], backend=backend, quantize=quantize, cache_dir=tiny["cache"])
+        assert encode_batch_size(model, 32) == 32
+        alone = np.stack([model.encode([text], normalize_embeddings=True)[0] for text in texts])
+        batched = model.encode([" ".join(tiny["texts"]), *texts], batch_size=32, normalize_embeddings=True)[1:]
+        assert np.abs(alone - batched).max() < 1e-6
 
 
 def test_activation_matmuls_are_those_without_a_constant_input():

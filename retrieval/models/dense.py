@@ -17,7 +17,7 @@ import numpy as np
 from ..dataset import doc_text
 from ..dense_index import FaissSearcher, build_faiss_index, read_index_info, save_dense_index
 from ..hub import resolve_model
-from ..backends import backend_record, load_sentence_transformer
+from ..backends import backend_record, encode_batch_size, load_sentence_transformer
 from ..embedding_cache import cached_embeddings
 from ..encoding import Encoding, current_encoding, index_encoding
 from ..identity import check_same_backend, index_precision, load_for_index, loaded_with_identity
@@ -70,7 +70,8 @@ def encoder_record(model) -> dict | None:
 def _cache_key(model, batch_size: int) -> dict | None:
     record = encoder_record(model)
     return None if record is None else {**record, "max_seq_length": int(model.max_seq_length),
-                                        "normalize": _normalizes(model), "batch_size": batch_size}
+                                        "normalize": _normalizes(model),
+                                        "batch_size": encode_batch_size(model, batch_size)}
 
 
 def encode_documents(model, documents: list[Mapping], *, batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -102,7 +103,10 @@ def _normalizes(model) -> bool:
 
 
 def encode(model, texts: list[str], *, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=progress,
+    """Vectors of ``texts``; int8 exports encode one text per call, so that a vector never depends on the texts
+    batched with it (``backends.encode_batch_size``)."""
+    return model.encode(texts, batch_size=encode_batch_size(model, batch_size), convert_to_numpy=True,
+                        show_progress_bar=progress,
                         normalize_embeddings=_normalizes(model)).astype(np.float32)
 
 
