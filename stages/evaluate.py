@@ -1,6 +1,7 @@
 """Stage `evaluate`: run the test queries through BM25, the baseline and the fine-tuned model, and fused (hybrid)
-systems of those runs; write TREC runs and metrics/evaluate.json (with per-turn and per-field breakdowns when
-params ask for them, and every system's means on the validation queries under ``validation``)."""
+systems of those runs; write TREC runs (the validation queries' under data/runs/validation/) and
+metrics/evaluate.json (with per-turn and per-field breakdowns when params ask for them, and every system's means on
+the validation queries under ``validation``)."""
 
 import json
 
@@ -38,18 +39,19 @@ def model_sources() -> dict:
     return sources
 
 
-def validation_report(dataset, formatted: dict, system_runs, metrics: list[str]) -> dict | None:
-    """Every system, hybrids included, on the validation queries (means only): what defaults such as mine.method
-    are chosen on, never the test split. The fine-tuned model was selected on these queries, so its figure is
-    optimistic; the hybrid's is not what selected it."""
+def validation_report(dataset, formatted: dict, system_runs, metrics: list[str]) -> tuple[dict | None, dict]:
+    """Every system, hybrids included, on the validation queries (means only), and their runs: what defaults such
+    as mine.method are chosen on, never the test split. The fine-tuned model was selected on these queries, so its
+    figure is optimistic; the hybrid's is not what selected it."""
     path = SPLIT_DIR / "val.tsv"
     qrels = read_qrels(path, dataset.corpus.keys(), dataset.queries.keys()) if path.is_file() else {}
     qrels = {q: grades for q, grades in qrels.items() if any(g > 0 for g in grades.values())}
     if not qrels:
-        return None
+        return None, {}
     runs, hybrids = system_runs({q: formatted[q] for q in sorted(qrels)})
-    return {"num_queries": len(qrels),
-            **{system: evaluate_run(qrels, run, metrics) for system, run in {**runs, **hybrids}.items()}}
+    runs = {**runs, **hybrids}
+    means = {system: evaluate_run(qrels, run, metrics) for system, run in runs.items()}
+    return {"num_queries": len(qrels), **means}, runs
 
 
 def recall_rows(qrels, runs, depth: int) -> list[dict]:
@@ -107,16 +109,25 @@ def command(params_path: str) -> None:
             info = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
             report[f"{system}_index"] = {**family.query_stats(index_dir, queries, config),
                                          **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
-    validation = validation_report(dataset, formatted, system_runs, metrics)
+    validation, validation_runs = validation_report(dataset, formatted, system_runs, metrics)
     if validation:
         report["validation"] = validation
     for field in evaluate.get("breakdowns") or []:
         groups = group_queries(dataset.queries, str(field))
         if groups:
             report[f"by_{field}"] = breakdown(qrels, runs, groups, metrics=metrics)
+    def tag(system: str) -> str:
+        return system if system == "bm25" or system in hybrids else f"{family_name}-{system}"
+
+    # Validation runs too (data/runs/validation/), so runs of different experiments can be fused and the fusion
+    # chosen on validation (benchmarks/fuse_experiments.py) without searching again.
     with atomic_dir(RUNS_DIR) as tmp:
         for system, run in runs.items():
-            write_trec_run(run, tmp / f"{system}.trec", tag=system if system == "bm25" or system in hybrids else f"{family_name}-{system}")
+            write_trec_run(run, tmp / f"{system}.trec", tag=tag(system))
+        if validation_runs:
+            (tmp / "validation").mkdir()
+            for system, run in validation_runs.items():
+                write_trec_run(run, tmp / "validation" / f"{system}.trec", tag=tag(system))
     write_json(report, METRICS_DIR / "evaluate.json")
     write_json(recall_rows(qrels, runs, depth), METRICS_DIR / "recall_at_k.json")
     for system in runs:

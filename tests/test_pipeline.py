@@ -78,6 +78,16 @@ def assert_report_matches_runs(repo: Path, report: dict, systems) -> None:
             assert delta == pytest.approx(report[a][metric] - report[b][metric])
             assert report[f"{a}_minus_{b}_ci_low"][metric] <= delta + 1e-12 <= report[f"{a}_minus_{b}_ci_high"][metric] + 2e-12
             assert report[f"{pair}_p_value"][metric] >= raw - 1e-12
+    # The validation runs are written too (benchmarks/fuse_experiments.py fuses them across experiments) and are
+    # what the report's validation means were computed from.
+    if "validation" in report:
+        val_qrels = {q: g for q, g in read_qrels(repo / "data/split/val.tsv").items() if any(v > 0 for v in g.values())}
+        for system in systems:
+            run = read_trec_run(repo / f"data/runs/validation/{system}.trec")
+            assert run and set(run) <= set(val_qrels)
+            for metric, mean in report["validation"][system].items():
+                scores = per_query(val_qrels, run, metric)
+                assert mean == pytest.approx(sum(scores.values()) / len(scores), abs=1e-9), (system, metric)
 
 
 def test_repro_evaluates_bm25_baseline_and_finetuned(repo: Path):
