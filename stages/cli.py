@@ -1,4 +1,4 @@
-"""The ``retrieval`` command: one subcommand per DVC stage, each defined in ``stages/<stage>.py``.
+"""The ``retrieval`` command: one subcommand per DVC stage, each defined in ``stages/<stage>.py``, and the tools.
 
 ``dvc.yaml`` runs ``retrieval <stage>``; the code behind it is ``stages/<stage>.py`` (thin glue: read params,
 call the ``retrieval`` library, write outputs). ``TOOLS`` are subcommands that are not stages (they read the
@@ -35,9 +35,12 @@ class StageGroup(click.Group):
 
 @click.group(cls=StageGroup)
 def main() -> None:
-    """Fine-tune and evaluate retrieval models; each subcommand is one stage of dvc.yaml."""
     setup_logging()
     keep_freed_memory()  # training and encoding steps reuse their memory instead of faulting it in each time
+
+
+main.help = (f"Fine-tune and evaluate retrieval models. Stages of dvc.yaml (`dvc repro` runs them): "
+             f"{', '.join(STAGES)}. Tools (they read a run's outputs and write nothing DVC tracks): {', '.join(TOOLS)}.")
 
 
 if __name__ == "__main__":
