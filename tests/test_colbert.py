@@ -27,13 +27,7 @@ SETTINGS = colbert.ColBERTSettings(query_prefix="[unused0]", document_prefix="[u
                                    document_length=48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tensors this small run faster on one thread, and far faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.single_torch_thread
 
 
 @pytest.fixture(scope="module")

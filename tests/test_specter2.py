@@ -19,13 +19,7 @@ from retrieval.models.base import TrainingData, TrainSettings
 from tiny import corpus_texts, write_tiny_bert, write_tiny_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tensors this small train faster on one thread, and far faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.single_torch_thread
 
 
 @pytest.fixture(autouse=True)

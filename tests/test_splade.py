@@ -34,13 +34,7 @@ DOCS = [doc for _, doc in PAIRS]
 QUERIES = [query for query, _ in PAIRS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tensors this small train faster on one thread, and far faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.single_torch_thread
 
 
 @pytest.fixture(scope="module")

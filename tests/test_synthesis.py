@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 
 import pytest
 
