@@ -103,7 +103,7 @@ def _normalizes(model) -> bool:
 
 
 def encode(model, texts: list[str], *, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """Vectors of ``texts``; int8 exports encode one text per call, so that a vector never depends on the texts
+    """Vectors of ``texts``; ONNX int8 exports encode one text per call, so that a vector never depends on the texts
     batched with it (``backends.encode_batch_size``)."""
     return model.encode(texts, batch_size=encode_batch_size(model, batch_size), convert_to_numpy=True,
                         show_progress_bar=progress,
