@@ -45,8 +45,9 @@ class Encoding:
 
 
 def encoding_from_params(settings: Mapping | None, *, exportable: bool, cuda: bool | None = None,
-                         export_dirs: tuple[Path, ...] = ()) -> Encoding:
-    """The params section ``encode`` resolved for a family (``exportable``: whether it can run on an export).
+                         export_dirs: tuple[Path, ...] = (), bf16_when_auto: bool = True) -> Encoding:
+    """The params section ``encode`` resolved for a family (``exportable``: whether it can run on an export;
+    ``bf16_when_auto`` False: precision ``auto`` means fp32 even where bf16 is native).
 
     An unknown key or value is an error naming ``encode.<key>``: a typo would otherwise encode with the default."""
     settings = dict(settings or {})
@@ -75,6 +76,8 @@ def encoding_from_params(settings: Mapping | None, *, exportable: bool, cuda: bo
         quantize = "none"
     elif quantize == "auto":
         quantize = "int8"
+    if precision == "auto" and not bf16_when_auto:
+        precision = "fp32"
     # An export runs in its own precision (fp32 graph, or int8 weights): torch autocast stays off around it.
     return Encoding(backend=backend, quantize=quantize,
                     precision="fp32" if backend != "torch" else resolve_precision(precision),

@@ -37,6 +37,20 @@ def test_auto_is_onnx_int8_on_a_cpu_and_torch_on_cuda_or_for_a_family_without_ex
                                 cuda=False) == Encoding("openvino", "none", "fp32")
 
 
+def test_colbert_encodes_in_fp32_unless_bf16_is_asked_for(monkeypatch):
+    import retrieval.precision
+    from stages.encoding import encoding_for
+
+    # Pretend the CPU has native bf16, so that `auto` would pick it for any other torch family.
+    monkeypatch.setattr(retrieval.precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = {"encode": {"backend": "auto", "quantize": "auto", "precision": "auto"}}
+    assert encoding_for(auto, "splade").precision == "bf16"
+    assert encoding_for(auto, "colbert").precision == "fp32"
+    assert encoding_for({"encode": {"precision": "bf16"}}, "colbert").precision == "bf16"
+    assert encoding_for(auto, "dense").precision == "fp32"  # the int8 export runs in its own precision
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"backend": "tensorrt"}, r"encode.backend: unknown value 'tensorrt'; use one of auto, torch, onnx, openvino"),
     ({"quantize": "int4"}, r"encode.quantize: unknown value 'int4'"),
