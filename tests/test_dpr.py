@@ -147,8 +147,11 @@ def test_baseline_index_records_its_towers(fixture, tmp_path):
     query = dpr.encode_queries(model, ["heart heartmarker1"], progress=False)[0]
     exact = docs @ query
     top = np.argsort(-exact)[:3]
-    assert [d for d, _ in results["q1"]] == [doc_ids[i] for i in top]
-    np.testing.assert_allclose([s for _, s in results["q1"]], exact[top], rtol=1e-4)
+    # Each hit carries its document's exact score, and the hits are the 3 best scores; documents whose scores tie
+    # to float rounding (faiss's kernel against numpy's product) may come in either order.
+    hit_scores = [s for _, s in results["q1"]]
+    np.testing.assert_allclose(hit_scores, [exact[doc_ids.index(d)] for d, _ in results["q1"]], rtol=1e-4)
+    np.testing.assert_allclose(hit_scores, exact[top], rtol=1e-4)
 
 
 def test_dpr_defaults_offline_point_to_base_model(monkeypatch):
