@@ -21,7 +21,6 @@ from typing import Iterable, Mapping, Sequence
 
 from .io import atomic_path
 from .evaluation import RECALL_CUTOFFS, recall_curves  # noqa: F401 (recall_curves: part of this module's API)
-from .metrics import Qrels, Run
 
 DEFAULT_THRESHOLD = 0.005
 HEADLINE_METRIC = "ndcg_at_10"
